@@ -1,0 +1,33 @@
+"""Async twins of ``_compat``: the async source calls these, the generated sync code those."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+AsyncSemaphore = asyncio.BoundedSemaphore
+
+
+async def sleep(seconds: float) -> None:
+    """Sleep without blocking the event loop."""
+    await asyncio.sleep(seconds)
+
+
+async def to_thread(fn: Callable[[], T]) -> T:
+    """Run blocking work (process start-up, file locks) off the event loop."""
+    return await asyncio.to_thread(fn)
+
+
+async def acquire(sem: asyncio.BoundedSemaphore, timeout: float) -> bool:
+    """Take a slot of ``sem`` within ``timeout`` seconds; False if none came free."""
+    try:
+        await asyncio.wait_for(sem.acquire(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+MYSQL_DB_KWARG = "db"  # aiomysql names the schema argument "db", PyMySQL "database"

@@ -1,0 +1,536 @@
+"""AsyncDatabase: the seed API (begin/commit/rollback distributed) over one database."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn, TypeVar
+
+from .. import _acompat, _context
+from ..dialects import Dialect, ErrorKind, control_statement
+from ..errors import (
+    DatabaseError,
+    IntegrityError,
+    InvalidQuery,
+    NestedTransactionError,
+    NotSupported,
+    PermissionDenied,
+    PreparedTransactionsDisabled,
+    TransactionNameInUse,
+    TwoPhaseError,
+)
+from ..names import TxName, validate_namespace
+from ..protocol import Action, Answer, PreparedTransaction, Status, finish_answer, status_of
+from ..sql import Compiled, QueryMethods, Rows, SqlDialect
+from .driver import AsyncConn, AsyncPool, Params
+
+T = TypeVar("T")
+Row = dict[str, Any]
+
+log = logging.getLogger("twophase")
+
+# MariaDB keeps a prepared branch attached to its session until the session lets go; a
+# finishing call that races that hand-over waits at most this long.
+_ATTACHED_WAIT = 5.0
+
+
+class _AsyncRunner:
+    """Runs compiled builder queries on behalf of a database or a transaction."""
+
+    def __init__(self, dialect: SqlDialect, run: Callable[[str, Params], Awaitable[Rows]]):
+        self.dialect = dialect
+        self._run = run
+
+    async def run(self, query: Compiled) -> Rows:
+        return await self._run(query.sql, query.params)
+
+    async def run_first(self, query: Compiled) -> Row | None:
+        rows = await self._run(query.sql, query.params)
+        return rows[0] if rows else None
+
+
+class AsyncTransaction(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
+    """An open transaction: ordinary, or distributed when ``name`` is set.
+
+    It has the whole query builder and ``execute``; statements that would end or nest the
+    transaction (COMMIT, SAVEPOINT, XA ..., nested transactions) raise
+    ``NestedTransactionError`` before reaching the server.
+    """
+
+    def __init__(self, db: AsyncDatabase, conn: AsyncConn, name: TxName | None) -> None:
+        self._db = db
+        self._conn = conn
+        self._name = name
+        self._open = True
+
+    @property
+    def name(self) -> str | None:
+        """The distributed transaction's name as given (without namespace), else None."""
+        if self._name is None:
+            return None
+        ns = self._db.namespace
+        return self._name.full[len(ns) + 1 :] if ns else self._name.full
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether this transaction will be prepared rather than committed."""
+        return self._name is not None
+
+    async def execute(self, sql: str, params: Params = None) -> Rows:
+        """Run raw SQL inside the transaction; values go in ``params`` (``%s`` placeholders)."""
+        return await self._run(sql, params, raw=True)
+
+    def _runner(self) -> _AsyncRunner:
+        return _AsyncRunner(self._db.dialect.sql, self._run)
+
+    async def _run(self, sql: str, params: Params, raw: bool = False) -> Rows:
+        if not self._open:
+            raise InvalidQuery(
+                "this transaction has already finished; run statements inside its block"
+            )
+        if raw:
+            self._db._refuse_control(sql, inside=self)
+        return await self._db._user_statement(self._conn, sql, params)
+
+    def _close(self) -> None:
+        self._open = False
+
+    def _nested(self, what: str) -> NoReturn:
+        kind = "distributed transaction" if self._name else "transaction"
+        raise NestedTransactionError(
+            f"{what} inside a {kind}: twophase transactions do not nest and have no "
+            "savepoints; finish this one first, or split the work into separate transactions"
+        )
+
+    def transaction(self) -> NoReturn:
+        """Refused: transactions do not nest."""
+        self._nested("transaction()")
+
+    def distributed(self, name: str) -> NoReturn:
+        """Refused: distributed transactions do not nest."""
+        self._nested("distributed()")
+
+    def begin_distributed(self, name: str, fn: object) -> NoReturn:
+        """Refused: distributed transactions do not nest."""
+        self._nested("begin_distributed()")
+
+    def savepoint(self, name: str | None = None) -> NoReturn:
+        """Refused: a prepared transaction cannot hold savepoints across a crash."""
+        self._nested("savepoint()")
+
+
+class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
+    """One database (PostgreSQL or MariaDB/MySQL) and its pool of connections.
+
+    Made by :func:`twophase.connect_async`; use it as ``async with`` or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncPool,
+        dialect: Dialect,
+        *,
+        database: str,
+        namespace: str | None = None,
+        display_url: str = "",
+        retry_timeout: float = 10.0,
+    ) -> None:
+        self._pool = pool
+        self.dialect = dialect
+        self.database = database
+        self.namespace = validate_namespace(namespace)
+        self.display_url = display_url
+        self._retry_timeout = retry_timeout
+        self._schema_ready = False
+        self._prepared_ok = False
+
+    def __repr__(self) -> str:
+        ns = f" namespace={self.namespace!r}" if self.namespace else ""
+        return f"<{type(self).__name__} {self.display_url}{ns}>"
+
+    async def __aenter__(self) -> AsyncDatabase:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every pooled connection. Prepared transactions stay prepared."""
+        await self._pool.close()
+
+    # -- plain statements -------------------------------------------------------------
+
+    def _runner(self) -> _AsyncRunner:
+        return _AsyncRunner(self.dialect.sql, self._autocommit)
+
+    async def execute(self, sql: str, params: Params = None) -> Rows:
+        """Run one raw statement in autocommit mode and return its rows."""
+        self._refuse_control(sql, inside=None)
+        return await self._autocommit(sql, params)
+
+    async def _autocommit(self, sql: str, params: Params) -> Rows:
+        async with self._pool.connection() as conn:
+            return await self._user_statement(conn, sql, params)
+
+    async def _user_statement(self, conn: AsyncConn, sql: str, params: Params) -> Rows:
+        try:
+            return await conn.run(sql, params)
+        except Exception as exc:
+            self._raise(exc, "the statement failed")
+
+    def _refuse_control(self, sql: str, *, inside: AsyncTransaction | None) -> None:
+        stmt = control_statement(self.dialect, sql)
+        if stmt is None:
+            return
+        if inside is not None:
+            inside._nested(f"{stmt!r}")
+        raise NestedTransactionError(
+            f"{stmt!r} through execute(): use db.transaction() or db.distributed() to "
+            "control transactions, so twophase can keep its guarantees"
+        )
+
+    # -- ordinary transactions --------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        """An ordinary transaction: committed when the block ends, rolled back on error."""
+        self._refuse_nesting("transaction()")
+        async with self._pool.connection() as conn:
+            await self._control(conn, self.dialect.begin(), "BEGIN failed")
+            tx = AsyncTransaction(self, conn, None)
+            token = _context.ACTIVE.set(tx)
+            try:
+                yield tx
+            except BaseException:
+                tx._close()
+                await self._quietly(conn, (self.dialect.rollback(),))
+                raise
+            finally:
+                _context.ACTIVE.reset(token)
+            tx._close()
+            await self._control(conn, self.dialect.commit(), "COMMIT failed")
+
+    # -- distributed transactions -----------------------------------------------------
+
+    def _name(self, name: str) -> TxName:
+        return TxName.make(name, self.namespace)
+
+    @asynccontextmanager
+    async def distributed(self, name: str) -> AsyncIterator[AsyncTransaction]:
+        """Stage work under ``name``; when the block ends the transaction is *prepared*.
+
+        On an exception inside the block the transaction is rolled back and the exception
+        propagates; nothing is left prepared. Finish it later, from anywhere, with
+        :meth:`commit_distributed` or :meth:`rollback_distributed`.
+        """
+        txname = self._name(name)
+        self._refuse_nesting("distributed()")
+        await self._ensure_ready(prepare=True)
+        dialect = self.dialect
+        async with self._pool.connection() as conn:
+            try:
+                for stmt in dialect.claim(txname):
+                    await conn.run(stmt)
+            except Exception as exc:
+                await self._quietly(conn, dialect.abort(txname), tpc_error=True)
+                kind = dialect.classify(exc)
+                if kind in (ErrorKind.NAME_IN_USE, ErrorKind.LOCK_TIMEOUT):
+                    raise TransactionNameInUse(
+                        f"distributed transaction {txname.full!r} is already active or "
+                        "prepared; finish it first, or use another name"
+                    ) from exc
+                if kind is ErrorKind.DUPLICATE_KEY:
+                    raise TransactionNameInUse(
+                        f"distributed transaction {txname.full!r} was already committed; "
+                        "names are single-use once committed, so choose a new name"
+                    ) from exc
+                self._raise(exc, f"could not begin {txname.full!r}")
+            tx = AsyncTransaction(self, conn, txname)
+            token = _context.ACTIVE.set(tx)
+            try:
+                yield tx
+            except BaseException:
+                tx._close()
+                await self._abandon(conn, txname)
+                raise
+            finally:
+                _context.ACTIVE.reset(token)
+            tx._close()
+            if conn.in_failed_transaction():
+                # PostgreSQL would answer PREPARE with a silent rollback here.
+                await self._abandon(conn, txname)
+                raise DatabaseError(
+                    f"a statement inside {txname.full!r} failed and the error was caught, so "
+                    "the database aborted the transaction; it was rolled back, not prepared"
+                )
+            try:
+                for stmt in dialect.prepare(txname):
+                    await conn.run(stmt)
+            except Exception as exc:
+                await self._abandon(conn, txname)
+                kind = dialect.classify(exc)
+                if kind is ErrorKind.UNSUPPORTED:
+                    raise NotSupported(
+                        f"{txname.full!r} could not be prepared: {exc}. Temporary tables, "
+                        "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
+                        "transaction; move them out of the distributed transaction"
+                    ) from exc
+                self._raise(exc, f"could not prepare {txname.full!r}; it was rolled back")
+            if dialect.prepare_detaches_session:
+                conn.discard()
+            log.debug("prepared %s", txname)
+
+    async def begin_distributed(
+        self, name: str, fn: Callable[[AsyncTransaction], Awaitable[T]]
+    ) -> T:
+        """Run ``fn(tx)`` in a transaction, then prepare it under ``name``; return fn's result.
+
+        If ``fn`` raises, the transaction is rolled back and the exception propagates.
+        """
+        async with self.distributed(name) as tx:
+            return await fn(tx)
+
+    async def _abandon(self, conn: AsyncConn, name: TxName) -> None:
+        """Roll back a claimed, unprepared transaction and leave a tombstone for retries."""
+        await self._quietly(conn, self.dialect.abort(name), tpc_error=True)
+        try:
+            await self._on_fresh_connection(self._tombstone, name)
+        except Exception:
+            # The rollback itself happened; only the retry-friendly record is missing.
+            log.warning("could not record the rollback of %s", name, exc_info=True)
+
+    async def commit_distributed(self, name: str) -> None:
+        """Commit the prepared transaction ``name``, from any process. Safe to retry.
+
+        Returns normally if it is (or already was) committed; raises
+        ``TransactionRolledBack`` if it was rolled back, ``UnknownTransaction`` if the
+        database never saw it.
+        """
+        await self._finish(Action.COMMIT, self._name(name))
+
+    async def rollback_distributed(self, name: str) -> None:
+        """Roll back the prepared transaction ``name``, from any process. Safe to retry.
+
+        Returns normally if it is (or already was) rolled back; raises
+        ``TransactionCommitted`` if it was committed, ``UnknownTransaction`` if the
+        database never saw it.
+        """
+        await self._finish(Action.ROLLBACK, self._name(name))
+
+    async def _finish(self, action: Action, name: TxName) -> None:
+        self._refuse_nesting(f"{action.value}_distributed()")
+        await self._ensure_ready()
+        deadline = time.monotonic() + _ATTACHED_WAIT
+        delay = 0.01
+        while True:
+            answer = await self._on_fresh_connection(self._finish_once, action, name)
+            if answer is Answer.DONE:
+                return
+            if time.monotonic() > deadline:
+                raise DatabaseError(
+                    f"{name.full!r} is prepared but still held by the session that prepared "
+                    "it; it can be finished once that session disconnects"
+                )
+            await _acompat.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _finish_once(self, conn: AsyncConn, action: Action, name: TxName) -> Answer:
+        dialect = self.dialect
+        if action is Action.ROLLBACK:
+            # The tombstone goes in only once the name is seen prepared: a rollback of a
+            # name never seen must still answer UnknownTransaction, and one racing another
+            # rollback must find the other's tombstone.
+            if await self._is_prepared(conn, name):
+                await conn.run(*dialect.record_rollback(name))
+            stmt = dialect.rollback_prepared(name)
+        else:
+            stmt = dialect.commit_prepared(name)
+        try:
+            await conn.run(stmt)
+        except Exception as exc:
+            kind = dialect.classify(exc)
+            if dialect.discard_after_tpc_error:
+                conn.discard()
+            if action is Action.ROLLBACK and kind is ErrorKind.ROLLED_BACK:
+                return Answer.DONE
+            if kind is ErrorKind.PERMISSION:
+                raise PermissionDenied(
+                    f"the database refused to {action.value} {name.full!r}: {exc}. Only the "
+                    "role that prepared it (or a superuser) may finish it; connect as that role"
+                ) from exc
+            if kind is not ErrorKind.NOT_FOUND:
+                raise
+            status = await self._status(conn, name)
+            return finish_answer(action, status, name.full)
+        if action is Action.ROLLBACK:
+            # Covers a name that became prepared between the check and the rollback.
+            await conn.run(*dialect.record_rollback(name))
+        log.debug("%s %s", action.value, name)
+        return Answer.DONE
+
+    async def status(self, name: str) -> Status:
+        """``prepared``, ``committed``, ``rolled_back`` or ``unknown`` (see ``protocol``)."""
+        txname = self._name(name)
+        await self._ensure_ready()
+        return await self._on_fresh_connection(self._status, txname)
+
+    async def _status(self, conn: AsyncConn, name: TxName) -> Status:
+        # Prepared first, then the record: see the status table in protocol.py.
+        prepared = await self._is_prepared(conn, name)
+        outcomes = {row["outcome"] for row in await conn.run(*self.dialect.outcomes(name))}
+        return status_of(
+            prepared=prepared,
+            committed="committed" in outcomes,
+            tombstone="rolled_back" in outcomes,
+        )
+
+    async def _is_prepared(self, conn: AsyncConn, name: TxName) -> bool:
+        rows = await conn.run(*self.dialect.list_prepared(name.full))
+        return any(p.full_name == name.full for p in self.dialect.parse_prepared(rows, ""))
+
+    async def prepared(self) -> list[PreparedTransaction]:
+        """This database's prepared twophase transactions (in this namespace), oldest first."""
+        await self._ensure_ready()
+        return await self._on_fresh_connection(self._prepared)
+
+    async def _prepared(self, conn: AsyncConn) -> list[PreparedTransaction]:
+        prefix = f"{self.namespace}:" if self.namespace else ""
+        found = [
+            p
+            for p in self.dialect.parse_prepared(
+                await conn.run(*self.dialect.list_prepared(prefix)), self.database
+            )
+            if p.full_name.startswith(prefix)
+        ]
+        began: dict[str, Any] = {}
+        stmts = self.dialect.prepared_times([p.full_name for p in found])
+        for sql, params in stmts:
+            for row in await conn.run(sql, params):
+                began[row["name"]] = row["recorded_at"]
+        return sorted(
+            (
+                PreparedTransaction.make(
+                    p.full_name, prefix, p.prepared_at or began.get(p.full_name), p.database
+                )
+                for p in found
+            ),
+            key=PreparedTransaction.sort_key,
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _refuse_nesting(self, what: str) -> None:
+        _context.refuse_nesting(what)
+
+    async def _ensure_ready(self, *, prepare: bool = False) -> None:
+        """Create the outcome table once; before a prepare, check the server allows it."""
+        if self._schema_ready and (self._prepared_ok or not prepare):
+            return
+        await self._on_fresh_connection(self._setup, prepare)
+
+    async def _setup(self, conn: AsyncConn, prepare: bool) -> None:
+        if prepare and not self._prepared_ok:
+            check = self.dialect.settings_check()
+            if check is not None:
+                value = int((await conn.run(check))[0]["value"])
+                if value <= 0:
+                    raise PreparedTransactionsDisabled(
+                        f"PostgreSQL at {self.display_url} has max_prepared_transactions = "
+                        f"{value}, so it cannot prepare transactions. As a superuser run "
+                        "ALTER SYSTEM SET max_prepared_transactions = 100; then restart the "
+                        "server (for example: pg_ctlcluster 15 main restart). Or call "
+                        "twophase.connect() with no URL to use the embedded PostgreSQL"
+                    )
+            self._prepared_ok = True
+        if not self._schema_ready:
+            for stmt in self.dialect.schema():
+                # aiomysql turns MariaDB's "table already exists" note into a warning.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        await conn.run(stmt)
+                    except Exception:
+                        # Two sessions creating the table at once: the loser's catalog
+                        # insert collides; the table exists, so a second try is a no-op.
+                        await conn.run(stmt)
+            self._schema_ready = True
+
+    async def _on_fresh_connection(
+        self, op: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """Run an idempotent operation, retrying on a lost connection until retry_timeout."""
+        deadline = time.monotonic() + self._retry_timeout
+        delay = 0.05
+        while True:
+            try:
+                async with self._pool.connection() as conn:
+                    return await op(conn, *args)
+            except TwoPhaseError:
+                raise
+            except Exception as exc:
+                kind = self.dialect.classify(exc)
+                if kind is not ErrorKind.CONNECTION or time.monotonic() > deadline:
+                    self._raise(exc, "the database call failed")
+                log.info("connection lost (%s); retrying in %.2fs", exc, delay)
+                await self._pool.reset_idle()
+                await _acompat.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _control(self, conn: AsyncConn, sql: str, what: str) -> None:
+        try:
+            await conn.run(sql)
+        except Exception as exc:
+            self._raise(exc, what)
+
+    async def _quietly(
+        self, conn: AsyncConn, stmts: tuple[str, ...], *, tpc_error: bool = False
+    ) -> None:
+        """Best-effort rollback; a connection that fails it is dropped (the server then
+        rolls back whatever was not prepared)."""
+        try:
+            for stmt in stmts:
+                await conn.run(stmt)
+        except Exception:
+            log.debug("rollback failed; dropping the connection", exc_info=True)
+            conn.discard()
+        else:
+            if tpc_error and self.dialect.discard_after_tpc_error:
+                conn.discard()
+
+    async def _tombstone(self, conn: AsyncConn, name: TxName) -> None:
+        await conn.run(*self.dialect.record_rollback(name))
+
+    def _raise(self, exc: Exception, what: str) -> NoReturn:
+        """Translate a driver error into the twophase tree, chaining the original."""
+        if isinstance(exc, TwoPhaseError):
+            raise exc
+        kind = self.dialect.classify(exc)
+        code = _code(exc)
+        if kind is ErrorKind.DISABLED:
+            raise PreparedTransactionsDisabled(
+                f"{what}: {exc}. Set max_prepared_transactions > 0 and restart PostgreSQL",
+                sqlstate=code,
+            ) from exc
+        if kind is ErrorKind.PERMISSION:
+            raise PermissionDenied(f"{what}: {exc}", sqlstate=code) from exc
+        if kind in (ErrorKind.DUPLICATE_KEY, ErrorKind.INTEGRITY):
+            raise IntegrityError(f"{what}: {exc}", sqlstate=code) from exc
+        if kind is ErrorKind.CONNECTION:
+            raise DatabaseError(
+                f"{what}: lost the connection to {self.display_url} ({exc}); "
+                "check the server is up, then retry",
+                sqlstate=code,
+            ) from exc
+        raise DatabaseError(f"{what}: {exc}", sqlstate=code) from exc
+
+
+def _code(exc: Exception) -> str | None:
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(state, str):
+        return state
+    args = getattr(exc, "args", ())
+    return str(args[0]) if args and isinstance(args[0], int) else None
+

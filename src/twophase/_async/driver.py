@@ -1,0 +1,235 @@
+"""Connections and pools over the drivers: psycopg 3 for PostgreSQL, PyMySQL-family for MariaDB."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, LiteralString, cast
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from .. import _acompat
+from ..errors import DatabaseError
+from ..sql import Rows
+
+Params = tuple[Any, ...] | list[Any] | dict[str, Any] | None
+
+
+class AsyncConn:
+    """One checked-out connection, in autocommit mode; twophase issues BEGIN itself."""
+
+    #: Set when the link to the server is lost; the pool then drops the connection.
+    broken: bool = False
+    #: Set when the session must not be reused (e.g. it holds an XA branch).
+    discarded: bool = False
+
+    async def run(self, sql: str, params: Params = None) -> Rows:
+        """Execute one statement (or, without params, several) and fetch its rows."""
+        raise NotImplementedError
+
+    def in_failed_transaction(self) -> bool:
+        """Whether an earlier error aborted the open transaction (PostgreSQL only)."""
+        return False
+
+    def discard(self) -> None:
+        """Close this connection instead of returning it to the pool."""
+        self.discarded = True
+
+
+class AsyncPgConn(AsyncConn):
+    """A psycopg connection."""
+
+    def __init__(self, raw: psycopg.AsyncConnection[dict[str, Any]]) -> None:
+        self.raw = raw
+
+    def in_failed_transaction(self) -> bool:
+        """libpq's view of the session: INERROR after a failed statement."""
+        return self.raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+
+    async def run(self, sql: str, params: Params = None) -> Rows:
+        """Execute through a cursor; without params psycopg uses the simple protocol."""
+        try:
+            async with self.raw.cursor() as cur:
+                # Compiled SQL is built from quoted identifiers and placeholders only;
+                # psycopg's LiteralString typing cannot see that.
+                await cur.execute(cast(LiteralString, sql), params)
+                fetched = await cur.fetchall() if cur.description else []
+                return Rows(fetched, rowcount=cur.rowcount)
+        except psycopg.Error:
+            if self.raw.broken or self.raw.closed:
+                self.broken = True
+            raise
+
+
+class AsyncMyConn(AsyncConn):
+    """A MariaDB/MySQL connection (aiomysql when async, PyMySQL when sync)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    async def run(self, sql: str, params: Params = None) -> Rows:
+        """Execute through a cursor and build dict rows from the description."""
+        import aiomysql
+
+        try:
+            async with self.raw.cursor() as cur:
+                await cur.execute(sql, params)
+                desc = cur.description
+                fetched = await cur.fetchall() if desc else ()
+                cols = [d[0] for d in desc] if desc else []
+                return Rows(
+                    (dict(zip(cols, row, strict=True)) for row in fetched),
+                    rowcount=max(cur.rowcount, 0),
+                )
+        except aiomysql.InterfaceError:
+            self.broken = True
+            raise
+        except aiomysql.OperationalError as exc:
+            if exc.args and exc.args[0] in (1053, 1927, 2003, 2006, 2013, 2055, 4031):
+                self.broken = True
+            raise
+
+    def close(self) -> None:
+        """Drop the session; a prepared XA branch it held stays prepared on the server."""
+        try:
+            self.raw.close()
+        except Exception:
+            # Closing a connection whose socket is already gone may fail; it is gone anyway.
+            pass
+
+
+class AsyncPool:
+    """A pool of connections to one database."""
+
+    async def open(self) -> None:
+        """Connect, failing fast with the server's own error if it cannot be reached."""
+        raise NotImplementedError
+
+    def connection(self) -> Any:
+        """An async context manager lending one connection."""
+        raise NotImplementedError
+
+    async def reset_idle(self) -> None:
+        """Forget idle connections (after a connection loss they are likely dead too)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close every connection."""
+        raise NotImplementedError
+
+
+class AsyncPgPool(AsyncPool):
+    """psycopg_pool's pool, with autocommit dict-row connections."""
+
+    def __init__(self, conninfo: str, *, min_size: int, max_size: int, timeout: float) -> None:
+        self._conninfo = conninfo
+        self._timeout = timeout
+        self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            conninfo,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            name="twophase",
+        )
+
+    async def open(self) -> None:
+        """Probe with one direct connection so a bad URL fails with the server's message."""
+        probe = await psycopg.AsyncConnection.connect(
+            self._conninfo, connect_timeout=max(1, int(self._timeout))
+        )
+        await probe.close()
+        await self._pool.open(wait=True, timeout=self._timeout)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConn]:
+        """Lend a connection; one marked broken or discarded is closed, not reused."""
+        async with self._pool.connection() as raw:
+            conn = AsyncPgConn(raw)
+            try:
+                yield conn
+            finally:
+                if conn.discarded and not raw.closed:
+                    await raw.close()
+
+    async def reset_idle(self) -> None:
+        """Let psycopg_pool test its idle connections and replace the dead ones."""
+        await self._pool.check()
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._pool.close()
+
+
+class AsyncMyPool(AsyncPool):
+    """A small LIFO pool for MariaDB.
+
+    Hand-written because PyMySQL has no pool, and the sync and async sides must behave alike;
+    it only caps concurrent connections and reuses idle ones.
+    """
+
+    def __init__(
+        self, params: dict[str, Any], *, min_size: int, max_size: int, timeout: float
+    ) -> None:
+        self._params = {
+            **params,
+            _acompat.MYSQL_DB_KWARG: params.get("database"),
+            "autocommit": True,
+            "charset": "utf8mb4",
+            "connect_timeout": max(1, int(timeout)),
+            # Naive TIMESTAMP values then read as UTC.
+            "init_command": "SET time_zone = '+00:00'",
+        }
+        if _acompat.MYSQL_DB_KWARG != "database":
+            self._params.pop("database", None)
+        self._min_size = min_size
+        self._timeout = timeout
+        self._slots = _acompat.AsyncSemaphore(max_size)
+        self._idle: collections.deque[AsyncMyConn] = collections.deque()
+        self._closed = False
+
+    async def _connect(self) -> AsyncMyConn:
+        import aiomysql
+
+        return AsyncMyConn(await aiomysql.connect(**self._params))
+
+    async def open(self) -> None:
+        """Open ``min_size`` connections (at least one, to check the server is there)."""
+        for _ in range(max(1, self._min_size)):
+            self._idle.append(await self._connect())
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConn]:
+        """Lend an idle connection or a new one, within ``max_size``."""
+        if self._closed:
+            raise DatabaseError("the database was closed; connect again")
+        if not await _acompat.acquire(self._slots, self._timeout):
+            raise DatabaseError(
+                f"no MariaDB connection came free within {self._timeout} s; "
+                "raise pool_max or shorten transactions"
+            )
+        conn: AsyncMyConn | None = None
+        try:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            yield conn
+        finally:
+            if conn is not None:
+                if conn.broken or conn.discarded or self._closed:
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+            self._slots.release()
+
+    async def reset_idle(self) -> None:
+        """Close every idle connection."""
+        while self._idle:
+            self._idle.pop().close()
+
+    async def close(self) -> None:
+        """Close idle connections; lent ones close when returned."""
+        self._closed = True
+        await self.reset_idle()

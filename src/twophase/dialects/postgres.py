@@ -1,0 +1,131 @@
+"""PostgreSQL: PREPARE TRANSACTION / COMMIT PREPARED, pg_prepared_xacts, psycopg errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerr
+
+from ..names import PG_GID_PREFIX, TxName, name_from_pg_gid
+from ..sql import POSTGRES
+from .base import OUTCOME_TABLE, Dialect, ErrorKind, PreparedRow, Statement, split_statements
+
+# How long a claim waits for a row lock on the name before concluding that another session
+# holds it: long enough to ride out a scheduler hiccup, short enough that a loser learns at
+# once. A prepared holder keeps the lock indefinitely, so waiting longer would only hang.
+CLAIM_LOCK_TIMEOUT = "200ms"
+
+_CONNECTION_STATES = {"57P01", "57P02", "57P03"}  # admin/crash shutdown, cannot connect now
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL >= 12 through psycopg 3."""
+
+    sql = POSTGRES
+    name = "postgresql"
+
+    def __init__(self) -> None:
+        self._table = self.sql.quote_ident(OUTCOME_TABLE)
+
+    def schema(self) -> tuple[str, ...]:
+        """The outcome table; the primary key makes a second claim of one name collide."""
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self._table} ("
+            " name varchar(64) NOT NULL,"
+            " outcome varchar(16) NOT NULL CHECK (outcome IN ('committed', 'rolled_back')),"
+            " recorded_at timestamptz NOT NULL DEFAULT now(),"
+            " PRIMARY KEY (name, outcome))",
+        )
+
+    def settings_check(self) -> str:
+        """``max_prepared_transactions`` must be above zero."""
+        return "SELECT current_setting('max_prepared_transactions')::int AS value"
+
+    def begin(self) -> str:
+        """Start an ordinary transaction."""
+        return "BEGIN"
+
+    def claim(self, name: TxName) -> tuple[str, ...]:
+        """One round trip: BEGIN and the claim row, under a short lock timeout."""
+        return (
+            f"BEGIN; SET LOCAL lock_timeout = '{CLAIM_LOCK_TIMEOUT}'; "
+            f"INSERT INTO {self._table} (name, outcome) VALUES ({self.literal(name.full)}, "
+            "'committed'); SET LOCAL lock_timeout = DEFAULT",
+        )
+
+    def prepare(self, name: TxName) -> tuple[str, ...]:
+        """``PREPARE TRANSACTION``: the transaction now survives crashes and restarts."""
+        return (f"PREPARE TRANSACTION {self.literal(name.pg_gid)}",)
+
+    def abort(self, name: TxName) -> tuple[str, ...]:
+        """Roll back the open transaction."""
+        return ("ROLLBACK",)
+
+    def commit_prepared(self, name: TxName) -> str:
+        """``COMMIT PREPARED``: must run outside a transaction block, in the same database."""
+        return f"COMMIT PREPARED {self.literal(name.pg_gid)}"
+
+    def rollback_prepared(self, name: TxName) -> str:
+        """``ROLLBACK PREPARED``."""
+        return f"ROLLBACK PREPARED {self.literal(name.pg_gid)}"
+
+    def record_rollback(self, name: TxName) -> Statement:
+        """Tombstone insert; ON CONFLICT keeps it idempotent."""
+        return (
+            f"INSERT INTO {self._table} (name, outcome) VALUES (%s, 'rolled_back') "
+            "ON CONFLICT DO NOTHING",
+            (name.full,),
+        )
+
+    def list_prepared(self, prefix: str) -> Statement:
+        """This database's prepared transactions whose gid starts with the prefix."""
+        gid_prefix = PG_GID_PREFIX + prefix
+        return (
+            "SELECT gid, prepared, database FROM pg_prepared_xacts "
+            "WHERE database = current_database() AND left(gid, %s) = %s ORDER BY prepared",
+            (len(gid_prefix), gid_prefix),
+        )
+
+    def parse_prepared(self, rows: list[dict[str, Any]], database: str) -> list[PreparedRow]:
+        """Keep twophase's own gids."""
+        out = []
+        for row in rows:
+            full = name_from_pg_gid(row["gid"])
+            if full is not None:
+                out.append(PreparedRow(full, row["prepared"], row["database"]))
+        return out
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """Map psycopg's exception classes (SQLSTATE-based) to error kinds."""
+        if isinstance(exc, pgerr.UndefinedObject):
+            return ErrorKind.NOT_FOUND
+        if isinstance(exc, pgerr.DuplicateObject):
+            return ErrorKind.NAME_IN_USE
+        if isinstance(exc, pgerr.UniqueViolation):
+            return ErrorKind.DUPLICATE_KEY
+        if isinstance(exc, psycopg.IntegrityError):
+            return ErrorKind.INTEGRITY
+        if isinstance(exc, pgerr.LockNotAvailable):
+            return ErrorKind.LOCK_TIMEOUT
+        if isinstance(exc, pgerr.ObjectNotInPrerequisiteState) and "disabled" in str(exc):
+            return ErrorKind.DISABLED
+        if isinstance(exc, pgerr.InsufficientPrivilege):
+            return ErrorKind.PERMISSION
+        if isinstance(exc, pgerr.FeatureNotSupported):
+            return ErrorKind.UNSUPPORTED
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            state = getattr(exc, "sqlstate", None)
+            if state is None or state.startswith("08") or state in _CONNECTION_STATES:
+                return ErrorKind.CONNECTION
+        return ErrorKind.OTHER
+
+    def literal(self, value: str) -> str:
+        """A standard-conforming string literal (backslashes are not escapes)."""
+        if "\0" in value:
+            raise ValueError("PostgreSQL string literals cannot hold NUL")
+        return "'" + value.replace("'", "''") + "'"
+
+    def control_keywords(self, sql: str) -> list[str]:
+        """Statements of ``sql`` with literals, dollar-quoted bodies and comments blanked."""
+        return split_statements(sql, backslash_escapes=False, dollar_quotes=True)
