@@ -136,14 +136,34 @@ def generate(path: Path) -> str:
     """The formatted sync twin of ``path``."""
     text = HEADER.format(name=path.name) + convert(path.read_text())
     ruff = [sys.executable, "-m", "ruff"]
-    fixed = subprocess.run(
-        [*ruff, "check", "--fix-only", "--quiet", "--select", "I,F401", "--stdin-filename",
-         str(DST / path.name), "-"],
-        input=text, capture_output=True, text=True, check=False, cwd=ROOT,
-    ).stdout or text
+    fixed = (
+        subprocess.run(
+            [
+                *ruff,
+                "check",
+                "--fix-only",
+                "--quiet",
+                "--select",
+                "I,F401",
+                "--stdin-filename",
+                str(DST / path.name),
+                "-",
+            ],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+        ).stdout
+        or text
+    )
     return subprocess.run(
         [*ruff, "format", "--quiet", "--stdin-filename", str(DST / path.name), "-"],
-        input=fixed, capture_output=True, text=True, check=True, cwd=ROOT,
+        input=fixed,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     ).stdout
 
 

@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncDatabase",
     "AsyncTransaction",
-    "DatabaseError",
     "Database",
+    "DatabaseError",
     "InDoubt",
     "IntegrityError",
     "InvalidQuery",

@@ -24,7 +24,8 @@ async def to_thread(fn: Callable[[], T]) -> T:
 async def acquire(sem: asyncio.BoundedSemaphore, timeout: float) -> bool:
     """Take a slot of ``sem`` within ``timeout`` seconds; False if none came free."""
     try:
-        await asyncio.wait_for(sem.acquire(), timeout)
+        async with asyncio.timeout(timeout):
+            await sem.acquire()
     except TimeoutError:
         return False
     return True

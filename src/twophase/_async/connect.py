@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from .. import _acompat
 from ..dialects import Dialect, MySQLDialect, PostgresDialect
 from ..errors import DatabaseError, NotSupported
@@ -30,8 +28,9 @@ async def connect_async(
     """
     validate_namespace(namespace)
     if pool_min < 0 or pool_max < 1 or pool_min > pool_max:
-        raise ValueError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, "
-                         f"{pool_max}")
+        raise ValueError(
+            f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, {pool_max}"
+        )
     resolved = url_from_env(url)
     if resolved is None:
         from ..embedded import ensure_server
@@ -64,5 +63,3 @@ async def connect_async(
         display_url=parsed.display,
         retry_timeout=retry_timeout,
     )
-
-

@@ -458,9 +458,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                         await conn.run(stmt)
             self._schema_ready = True
 
-    async def _on_fresh_connection(
-        self, op: Callable[..., Awaitable[T]], *args: Any
-    ) -> T:
+    async def _on_fresh_connection(self, op: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run an idempotent operation, retrying on a lost connection until retry_timeout."""
         deadline = time.monotonic() + self._retry_timeout
         delay = 0.05
@@ -533,4 +531,3 @@ def _code(exc: Exception) -> str | None:
         return state
     args = getattr(exc, "args", ())
     return str(args[0]) if args and isinstance(args[0], int) else None
-

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, LiteralString, cast
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -53,9 +54,7 @@ class AsyncPgConn(AsyncConn):
         """Execute through a cursor; without params psycopg uses the simple protocol."""
         try:
             async with self.raw.cursor() as cur:
-                # Compiled SQL is built from quoted identifiers and placeholders only;
-                # psycopg's LiteralString typing cannot see that.
-                await cur.execute(cast(LiteralString, sql), params)
+                await cur.execute(sql, params)
                 fetched = await cur.fetchall() if cur.description else []
                 return Rows(fetched, rowcount=cur.rowcount)
         except psycopg.Error:
@@ -94,11 +93,9 @@ class AsyncMyConn(AsyncConn):
 
     def close(self) -> None:
         """Drop the session; a prepared XA branch it held stays prepared on the server."""
-        try:
+        # Closing a connection whose socket is already gone may fail; it is gone anyway.
+        with contextlib.suppress(Exception):
             self.raw.close()
-        except Exception:
-            # Closing a connection whose socket is already gone may fail; it is gone anyway.
-            pass
 
 
 class AsyncPool:

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, LiteralString, cast
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -55,9 +56,7 @@ class PgConn(Conn):
         """Execute through a cursor; without params psycopg uses the simple protocol."""
         try:
             with self.raw.cursor() as cur:
-                # Compiled SQL is built from quoted identifiers and placeholders only;
-                # psycopg's LiteralString typing cannot see that.
-                cur.execute(cast(LiteralString, sql), params)
+                cur.execute(sql, params)
                 fetched = cur.fetchall() if cur.description else []
                 return Rows(fetched, rowcount=cur.rowcount)
         except psycopg.Error:
@@ -96,11 +95,9 @@ class MyConn(Conn):
 
     def close(self) -> None:
         """Drop the session; a prepared XA branch it held stays prepared on the server."""
-        try:
+        # Closing a connection whose socket is already gone may fail; it is gone anyway.
+        with contextlib.suppress(Exception):
             self.raw.close()
-        except Exception:
-            # Closing a connection whose socket is already gone may fail; it is gone anyway.
-            pass
 
 
 class Pool:
