@@ -31,6 +31,7 @@ RENAMES = {
     "__aiter__": "__iter__",
     "__anext__": "__next__",
     "aclose": "close",
+    "enter_async_context": "enter_context",
     "StopAsyncIteration": "StopIteration",
     "connect_async": "connect",
     "ARows": "Rows",

@@ -82,9 +82,7 @@ def url_from_env(url: str | None) -> str | None:
     return os.environ.get(ENV_URL) or None
 
 
-def _display(
-    scheme: str, user: str | None, host: str | None, port: int | None, path: str
-) -> str:
+def _display(scheme: str, user: str | None, host: str | None, port: int | None, path: str) -> str:
     who = f"{user}@" if user else ""
     where = f"{host or 'localhost'}{f':{port}' if port else ''}"
     return f"{scheme}://{who}{where}{path}"

@@ -6,7 +6,7 @@ import logging
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
 from .. import _acompat, _context
@@ -179,6 +179,10 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         try:
             return await conn.run(sql, params)
         except Exception as exc:
+            if self.dialect.classify(exc) is ErrorKind.CONNECTION:
+                # Its idle siblings are likely dead too (server restart); the statement
+                # itself is not retried: it may not be safe to run twice.
+                await self._pool.reset_idle()
             self._raise(exc, "the statement failed")
 
     def _refuse_control(self, sql: str, *, inside: AsyncTransaction | None) -> None:
@@ -198,20 +202,65 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
     async def transaction(self) -> AsyncIterator[AsyncTransaction]:
         """An ordinary transaction: committed when the block ends, rolled back on error."""
         self._refuse_nesting("transaction()")
-        async with self._pool.connection() as conn:
-            await self._control(conn, self.dialect.begin(), "BEGIN failed")
+        dialect = self.dialect
+
+        def failed(exc: Exception) -> NoReturn:
+            self._raise(exc, "BEGIN failed")
+
+        async with self._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
             tx = AsyncTransaction(self, conn, None)
             token = _context.ACTIVE.set(tx)
             try:
                 yield tx
             except BaseException:
                 tx._close()
-                await self._quietly(conn, (self.dialect.rollback(),))
+                await self._quietly(conn, (dialect.rollback(),))
                 raise
             finally:
                 _context.ACTIVE.reset(token)
             tx._close()
-            await self._control(conn, self.dialect.commit(), "COMMIT failed")
+            await self._control(conn, dialect.commit(), "COMMIT failed")
+
+    @asynccontextmanager
+    async def _begun(
+        self,
+        stmts: tuple[str, ...],
+        abort: tuple[str, ...],
+        failed: Callable[[Exception], NoReturn],
+        *,
+        tpc: bool = False,
+    ) -> AsyncIterator[AsyncConn]:
+        """A pooled connection on which ``stmts`` (BEGIN, or a claim) succeeded.
+
+        Opening a transaction is always safe to repeat, so a connection lost on the way
+        (a restarted server leaves dead connections in the pool) is replaced and the
+        statements run again, until ``retry_timeout``. Other errors go to ``failed``.
+        """
+        deadline = time.monotonic() + self._retry_timeout
+        delay = 0.05
+        while True:
+            stack = AsyncExitStack()
+            conn: AsyncConn | None = None
+            try:
+                conn = lent = await stack.enter_async_context(self._pool.connection())
+                for stmt in stmts:
+                    await lent.run(stmt)
+            except Exception as exc:
+                if conn is not None:
+                    await self._quietly(conn, abort, tpc_error=tpc)
+                await stack.aclose()
+                lost = self.dialect.classify(exc) is ErrorKind.CONNECTION
+                if not lost or time.monotonic() > deadline:
+                    failed(exc)
+                log.info("connection lost (%s); retrying in %.2fs", exc, delay)
+                await self._pool.reset_idle()
+                await _acompat.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            assert conn is not None  # the try block either set it or continued
+            async with stack:
+                yield conn
+            return
 
     # -- distributed transactions -----------------------------------------------------
 
@@ -230,24 +279,23 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         self._refuse_nesting("distributed()")
         await self._ensure_ready(prepare=True)
         dialect = self.dialect
-        async with self._pool.connection() as conn:
-            try:
-                for stmt in dialect.claim(txname):
-                    await conn.run(stmt)
-            except Exception as exc:
-                await self._quietly(conn, dialect.abort(txname), tpc_error=True)
-                kind = dialect.classify(exc)
-                if kind in (ErrorKind.NAME_IN_USE, ErrorKind.LOCK_TIMEOUT):
-                    raise TransactionNameInUse(
-                        f"distributed transaction {txname.full!r} is already active or "
-                        "prepared; finish it first, or use another name"
-                    ) from exc
-                if kind is ErrorKind.DUPLICATE_KEY:
-                    raise TransactionNameInUse(
-                        f"distributed transaction {txname.full!r} was already committed; "
-                        "names are single-use once committed, so choose a new name"
-                    ) from exc
-                self._raise(exc, f"could not begin {txname.full!r}")
+
+        def failed(exc: Exception) -> NoReturn:
+            kind = dialect.classify(exc)
+            if kind in (ErrorKind.NAME_IN_USE, ErrorKind.LOCK_TIMEOUT):
+                raise TransactionNameInUse(
+                    f"distributed transaction {txname.full!r} is already active or "
+                    "prepared; finish it first, or use another name"
+                ) from exc
+            if kind is ErrorKind.DUPLICATE_KEY:
+                raise TransactionNameInUse(
+                    f"distributed transaction {txname.full!r} was already committed; "
+                    "names are single-use once committed, so choose a new name"
+                ) from exc
+            self._raise(exc, f"could not begin {txname.full!r}")
+
+        claim, abort = dialect.claim(txname), dialect.abort(txname)
+        async with self._begun(claim, abort, failed, tpc=True) as conn:
             tx = AsyncTransaction(self, conn, txname)
             token = _context.ACTIVE.set(tx)
             try:
@@ -270,8 +318,12 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 for stmt in dialect.prepare(txname):
                     await conn.run(stmt)
             except Exception as exc:
-                await self._abandon(conn, txname)
                 kind = dialect.classify(exc)
+                # The server may have prepared it before the link broke: ask it.
+                if kind is ErrorKind.CONNECTION and await self._prepared_despite_loss(txname):
+                    log.debug("prepared %s (confirmed after a lost connection)", txname)
+                    return
+                await self._abandon(conn, txname)
                 if kind is ErrorKind.UNSUPPORTED:
                     raise NotSupported(
                         f"{txname.full!r} could not be prepared: {exc}. Temporary tables, "
@@ -292,6 +344,18 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         """
         async with self.distributed(name) as tx:
             return await fn(tx)
+
+    async def _prepared_despite_loss(self, name: TxName) -> bool:
+        """After a connection loss during PREPARE: True if the server did prepare it."""
+        try:
+            status = await self._on_fresh_connection(self._status, name)
+        except TwoPhaseError as again:
+            raise DatabaseError(
+                f"lost the connection while preparing {name.full!r} and could not reach the "
+                "database since; call status() once it is back to learn whether it is "
+                "prepared"
+            ) from again
+        return status is Status.PREPARED
 
     async def _abandon(self, conn: AsyncConn, name: TxName) -> None:
         """Roll back a claimed, unprepared transaction and leave a tombstone for retries."""

@@ -8,7 +8,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, NoReturn, TypeVar
 
 from .. import _compat, _context
@@ -181,6 +181,10 @@ class Database(QueryMethods[Rows, Row | None]):
         try:
             return conn.run(sql, params)
         except Exception as exc:
+            if self.dialect.classify(exc) is ErrorKind.CONNECTION:
+                # Its idle siblings are likely dead too (server restart); the statement
+                # itself is not retried: it may not be safe to run twice.
+                self._pool.reset_idle()
             self._raise(exc, "the statement failed")
 
     def _refuse_control(self, sql: str, *, inside: Transaction | None) -> None:
@@ -200,20 +204,65 @@ class Database(QueryMethods[Rows, Row | None]):
     def transaction(self) -> Iterator[Transaction]:
         """An ordinary transaction: committed when the block ends, rolled back on error."""
         self._refuse_nesting("transaction()")
-        with self._pool.connection() as conn:
-            self._control(conn, self.dialect.begin(), "BEGIN failed")
+        dialect = self.dialect
+
+        def failed(exc: Exception) -> NoReturn:
+            self._raise(exc, "BEGIN failed")
+
+        with self._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
             tx = Transaction(self, conn, None)
             token = _context.ACTIVE.set(tx)
             try:
                 yield tx
             except BaseException:
                 tx._close()
-                self._quietly(conn, (self.dialect.rollback(),))
+                self._quietly(conn, (dialect.rollback(),))
                 raise
             finally:
                 _context.ACTIVE.reset(token)
             tx._close()
-            self._control(conn, self.dialect.commit(), "COMMIT failed")
+            self._control(conn, dialect.commit(), "COMMIT failed")
+
+    @contextmanager
+    def _begun(
+        self,
+        stmts: tuple[str, ...],
+        abort: tuple[str, ...],
+        failed: Callable[[Exception], NoReturn],
+        *,
+        tpc: bool = False,
+    ) -> Iterator[Conn]:
+        """A pooled connection on which ``stmts`` (BEGIN, or a claim) succeeded.
+
+        Opening a transaction is always safe to repeat, so a connection lost on the way
+        (a restarted server leaves dead connections in the pool) is replaced and the
+        statements run again, until ``retry_timeout``. Other errors go to ``failed``.
+        """
+        deadline = time.monotonic() + self._retry_timeout
+        delay = 0.05
+        while True:
+            stack = ExitStack()
+            conn: Conn | None = None
+            try:
+                conn = lent = stack.enter_context(self._pool.connection())
+                for stmt in stmts:
+                    lent.run(stmt)
+            except Exception as exc:
+                if conn is not None:
+                    self._quietly(conn, abort, tpc_error=tpc)
+                stack.close()
+                lost = self.dialect.classify(exc) is ErrorKind.CONNECTION
+                if not lost or time.monotonic() > deadline:
+                    failed(exc)
+                log.info("connection lost (%s); retrying in %.2fs", exc, delay)
+                self._pool.reset_idle()
+                _compat.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            assert conn is not None  # the try block either set it or continued
+            with stack:
+                yield conn
+            return
 
     # -- distributed transactions -----------------------------------------------------
 
@@ -232,24 +281,23 @@ class Database(QueryMethods[Rows, Row | None]):
         self._refuse_nesting("distributed()")
         self._ensure_ready(prepare=True)
         dialect = self.dialect
-        with self._pool.connection() as conn:
-            try:
-                for stmt in dialect.claim(txname):
-                    conn.run(stmt)
-            except Exception as exc:
-                self._quietly(conn, dialect.abort(txname), tpc_error=True)
-                kind = dialect.classify(exc)
-                if kind in (ErrorKind.NAME_IN_USE, ErrorKind.LOCK_TIMEOUT):
-                    raise TransactionNameInUse(
-                        f"distributed transaction {txname.full!r} is already active or "
-                        "prepared; finish it first, or use another name"
-                    ) from exc
-                if kind is ErrorKind.DUPLICATE_KEY:
-                    raise TransactionNameInUse(
-                        f"distributed transaction {txname.full!r} was already committed; "
-                        "names are single-use once committed, so choose a new name"
-                    ) from exc
-                self._raise(exc, f"could not begin {txname.full!r}")
+
+        def failed(exc: Exception) -> NoReturn:
+            kind = dialect.classify(exc)
+            if kind in (ErrorKind.NAME_IN_USE, ErrorKind.LOCK_TIMEOUT):
+                raise TransactionNameInUse(
+                    f"distributed transaction {txname.full!r} is already active or "
+                    "prepared; finish it first, or use another name"
+                ) from exc
+            if kind is ErrorKind.DUPLICATE_KEY:
+                raise TransactionNameInUse(
+                    f"distributed transaction {txname.full!r} was already committed; "
+                    "names are single-use once committed, so choose a new name"
+                ) from exc
+            self._raise(exc, f"could not begin {txname.full!r}")
+
+        claim, abort = dialect.claim(txname), dialect.abort(txname)
+        with self._begun(claim, abort, failed, tpc=True) as conn:
             tx = Transaction(self, conn, txname)
             token = _context.ACTIVE.set(tx)
             try:
@@ -272,8 +320,12 @@ class Database(QueryMethods[Rows, Row | None]):
                 for stmt in dialect.prepare(txname):
                     conn.run(stmt)
             except Exception as exc:
-                self._abandon(conn, txname)
                 kind = dialect.classify(exc)
+                # The server may have prepared it before the link broke: ask it.
+                if kind is ErrorKind.CONNECTION and self._prepared_despite_loss(txname):
+                    log.debug("prepared %s (confirmed after a lost connection)", txname)
+                    return
+                self._abandon(conn, txname)
                 if kind is ErrorKind.UNSUPPORTED:
                     raise NotSupported(
                         f"{txname.full!r} could not be prepared: {exc}. Temporary tables, "
@@ -292,6 +344,18 @@ class Database(QueryMethods[Rows, Row | None]):
         """
         with self.distributed(name) as tx:
             return fn(tx)
+
+    def _prepared_despite_loss(self, name: TxName) -> bool:
+        """After a connection loss during PREPARE: True if the server did prepare it."""
+        try:
+            status = self._on_fresh_connection(self._status, name)
+        except TwoPhaseError as again:
+            raise DatabaseError(
+                f"lost the connection while preparing {name.full!r} and could not reach the "
+                "database since; call status() once it is back to learn whether it is "
+                "prepared"
+            ) from again
+        return status is Status.PREPARED
 
     def _abandon(self, conn: Conn, name: TxName) -> None:
         """Roll back a claimed, unprepared transaction and leave a tombstone for retries."""

@@ -176,9 +176,7 @@ _WORD = re.compile(r"[A-Za-z_]+")
 
 
 def _statements(dialect: Dialect, sql: str) -> list[list[str]]:
-    return [
-        [w.upper() for w in _WORD.findall(stmt)][:2] for stmt in dialect.control_keywords(sql)
-    ]
+    return [[w.upper() for w in _WORD.findall(stmt)][:2] for stmt in dialect.control_keywords(sql)]
 
 
 def split_statements(sql: str, *, backslash_escapes: bool, dollar_quotes: bool) -> list[str]:
