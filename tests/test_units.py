@@ -83,7 +83,9 @@ def test_names_and_ids() -> None:
     name = TxName.make("invoice_7", "billing")
     assert name.full == "billing:invoice_7"
     assert name.pg_gid == "tp:billing:invoice_7"
-    assert name_from_pg_gid("tp:billing:invoice_7") == "billing:invoice_7"
+    assert name_from_pg_gid("tp:billing:invoice_7") == TxName("billing:invoice_7")
+    assert name_from_pg_gid("tp:g1#2.1764250000") == TxName("g1", "2.1764250000")
+    assert name_from_pg_gid("tp:g1#bad") is None
     assert name_from_pg_gid("other_tool_gid") is None
     assert MY.xid(name) == "'billing:invoice_7','',29808"
     with pytest.raises(InvalidTransactionName, match="namespace"):

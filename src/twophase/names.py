@@ -55,11 +55,21 @@ def validate_namespace(namespace: str | None) -> str | None:
     return namespace
 
 
+#: A branch qualifier: the branch's index in its global transaction and its deadline (Unix
+#: seconds), so recovery learns a branch's deadline from the database's own listing.
+_BRANCH = re.compile(r"(\d{1,5})\.(\d{1,12})")
+
+
 @dataclass(frozen=True, slots=True)
 class TxName:
-    """A validated, fully qualified transaction name (namespace included)."""
+    """A validated, fully qualified transaction name (namespace included).
+
+    A branch of a global transaction carries a qualifier as well (``branch``); the database
+    then knows it as ``<full>#<branch>`` (PostgreSQL) or with an XA bqual (MariaDB).
+    """
 
     full: str
+    branch: str | None = None
 
     @classmethod
     def make(cls, name: object, namespace: str | None = None) -> TxName:
@@ -75,18 +85,48 @@ class TxName:
             )
         return cls(full)
 
+    def with_branch(self, index: int, deadline: int) -> TxName:
+        """Branch ``index`` of this global transaction, to be finished by ``deadline``."""
+        return TxName(self.full, f"{index}.{deadline}")
+
+    @property
+    def branch_index(self) -> int | None:
+        """The branch's index in its global transaction, or None for a plain name."""
+        m = _BRANCH.fullmatch(self.branch) if self.branch else None
+        return int(m.group(1)) if m else None
+
+    @property
+    def deadline(self) -> int | None:
+        """The branch's deadline in Unix seconds, or None for a plain name."""
+        m = _BRANCH.fullmatch(self.branch) if self.branch else None
+        return int(m.group(2)) if m else None
+
+    @property
+    def record(self) -> str:
+        """The key of this transaction's outcome record."""
+        return f"{self.full}#{self.branch}" if self.branch else self.full
+
     @property
     def pg_gid(self) -> str:
         """The gid PostgreSQL sees in ``PREPARE TRANSACTION``."""
-        return PG_GID_PREFIX + self.full
+        return PG_GID_PREFIX + self.record
 
     def __str__(self) -> str:
-        return self.full
+        return self.record
 
 
-def name_from_pg_gid(gid: str) -> str | None:
+def parse_branch(full: str, branch: str | None) -> TxName | None:
+    """A TxName from a database listing, or None when it is not twophase's."""
+    if not _ALLOWED.fullmatch(full):
+        return None
+    if branch and not _BRANCH.fullmatch(branch):
+        return None
+    return TxName(full, branch or None)
+
+
+def name_from_pg_gid(gid: str) -> TxName | None:
     """The twophase name behind a PostgreSQL gid, or None for a foreign transaction."""
     if not gid.startswith(PG_GID_PREFIX):
         return None
-    name = gid[len(PG_GID_PREFIX) :]
-    return name if _ALLOWED.fullmatch(name) else None
+    full, _, branch = gid[len(PG_GID_PREFIX) :].partition("#")
+    return parse_branch(full, branch)

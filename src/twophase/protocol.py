@@ -43,6 +43,7 @@ from .errors import (
     TwoPhaseError,
     UnknownTransaction,
 )
+from .names import TxName
 
 
 class Status(enum.StrEnum):
@@ -128,16 +129,18 @@ class PreparedTransaction:
     prepared_at: datetime | None
     #: The database it lives in.
     database: str
+    #: For a branch of a global transaction: its qualifier (``<index>.<deadline>``).
+    branch: str | None = None
 
     @classmethod
     def make(
-        cls, full_name: str, prefix: str, prepared_at: datetime | None, database: str
+        cls, name: TxName, prefix: str, prepared_at: datetime | None, database: str
     ) -> PreparedTransaction:
         """Build one from a database row, stripping the namespace ``prefix``."""
         if prepared_at is not None and prepared_at.tzinfo is None:
             # MariaDB sessions run in UTC (twophase sets time_zone), so naive means UTC.
             prepared_at = prepared_at.replace(tzinfo=UTC)
-        return cls(full_name[len(prefix) :], full_name, prepared_at, database)
+        return cls(name.full[len(prefix) :], name.full, prepared_at, database, name.branch)
 
     @property
     def age(self) -> timedelta | None:
@@ -146,6 +149,10 @@ class PreparedTransaction:
             return None
         return datetime.now(UTC) - self.prepared_at
 
-    def sort_key(self) -> tuple[datetime, str]:
+    def sort_key(self) -> tuple[datetime, str, str]:
         """Oldest first; unknown times last."""
-        return (self.prepared_at or datetime.max.replace(tzinfo=UTC), self.full_name)
+        return (
+            self.prepared_at or datetime.max.replace(tzinfo=UTC),
+            self.full_name,
+            self.branch or "",
+        )

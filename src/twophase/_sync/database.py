@@ -286,15 +286,15 @@ class Database(QueryMethods[Rows, Row | None]):
             kind = dialect.classify(exc)
             if kind in (ErrorKind.NAME_IN_USE, ErrorKind.LOCK_TIMEOUT):
                 raise TransactionNameInUse(
-                    f"distributed transaction {txname.full!r} is already active or "
+                    f"distributed transaction {str(txname)!r} is already active or "
                     "prepared; finish it first, or use another name"
                 ) from exc
             if kind is ErrorKind.DUPLICATE_KEY:
                 raise TransactionNameInUse(
-                    f"distributed transaction {txname.full!r} was already committed; "
+                    f"distributed transaction {str(txname)!r} was already committed; "
                     "names are single-use once committed, so choose a new name"
                 ) from exc
-            self._raise(exc, f"could not begin {txname.full!r}")
+            self._raise(exc, f"could not begin {str(txname)!r}")
 
         claim, abort = dialect.claim(txname), dialect.abort(txname)
         with self._begun(claim, abort, failed, tpc=True) as conn:
@@ -313,7 +313,7 @@ class Database(QueryMethods[Rows, Row | None]):
                 # PostgreSQL would answer PREPARE with a silent rollback here.
                 self._abandon(conn, txname)
                 raise DatabaseError(
-                    f"a statement inside {txname.full!r} failed and the error was caught, so "
+                    f"a statement inside {str(txname)!r} failed and the error was caught, so "
                     "the database aborted the transaction; it was rolled back, not prepared"
                 )
             try:
@@ -328,11 +328,11 @@ class Database(QueryMethods[Rows, Row | None]):
                 self._abandon(conn, txname)
                 if kind is ErrorKind.UNSUPPORTED:
                     raise NotSupported(
-                        f"{txname.full!r} could not be prepared: {exc}. Temporary tables, "
+                        f"{str(txname)!r} could not be prepared: {exc}. Temporary tables, "
                         "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
                         "transaction; move them out of the distributed transaction"
                     ) from exc
-                self._raise(exc, f"could not prepare {txname.full!r}; it was rolled back")
+                self._raise(exc, f"could not prepare {str(txname)!r}; it was rolled back")
             if dialect.prepare_detaches_session:
                 conn.discard()
             log.debug("prepared %s", txname)
@@ -351,7 +351,7 @@ class Database(QueryMethods[Rows, Row | None]):
             status = self._on_fresh_connection(self._status, name)
         except TwoPhaseError as again:
             raise DatabaseError(
-                f"lost the connection while preparing {name.full!r} and could not reach the "
+                f"lost the connection while preparing {str(name)!r} and could not reach the "
                 "database since; call status() once it is back to learn whether it is "
                 "prepared"
             ) from again
@@ -395,7 +395,7 @@ class Database(QueryMethods[Rows, Row | None]):
                 return
             if time.monotonic() > deadline:
                 raise DatabaseError(
-                    f"{name.full!r} is prepared but still held by the session that prepared "
+                    f"{str(name)!r} is prepared but still held by the session that prepared "
                     "it; it can be finished once that session disconnects"
                 )
             _compat.sleep(delay)
@@ -422,13 +422,13 @@ class Database(QueryMethods[Rows, Row | None]):
                 return Answer.DONE
             if kind is ErrorKind.PERMISSION:
                 raise PermissionDenied(
-                    f"the database refused to {action.value} {name.full!r}: {exc}. Only the "
+                    f"the database refused to {action.value} {str(name)!r}: {exc}. Only the "
                     "role that prepared it (or a superuser) may finish it; connect as that role"
                 ) from exc
             if kind is not ErrorKind.NOT_FOUND:
                 raise
             status = self._status(conn, name)
-            return finish_answer(action, status, name.full)
+            return finish_answer(action, status, str(name))
         if action is Action.ROLLBACK:
             # Covers a name that became prepared between the check and the rollback.
             conn.run(*dialect.record_rollback(name))
@@ -453,31 +453,32 @@ class Database(QueryMethods[Rows, Row | None]):
 
     def _is_prepared(self, conn: Conn, name: TxName) -> bool:
         rows = conn.run(*self.dialect.list_prepared(name.full))
-        return any(p.full_name == name.full for p in self.dialect.parse_prepared(rows, ""))
+        return any(p.name == name for p in self.dialect.parse_prepared(rows, ""))
 
     def prepared(self) -> list[PreparedTransaction]:
-        """This database's prepared twophase transactions (in this namespace), oldest first."""
+        """This database's prepared twophase transactions (in this namespace), oldest first.
+
+        Branches of global transactions are listed too, with their ``branch`` qualifier.
+        """
         self._ensure_ready()
         return self._on_fresh_connection(self._prepared)
 
     def _prepared(self, conn: Conn) -> list[PreparedTransaction]:
         prefix = f"{self.namespace}:" if self.namespace else ""
+        rows = conn.run(*self.dialect.list_prepared(prefix))
         found = [
             p
-            for p in self.dialect.parse_prepared(
-                conn.run(*self.dialect.list_prepared(prefix)), self.database
-            )
-            if p.full_name.startswith(prefix)
+            for p in self.dialect.parse_prepared(rows, self.database)
+            if p.name.full.startswith(prefix)
         ]
         began: dict[str, Any] = {}
-        stmts = self.dialect.prepared_times([p.full_name for p in found])
-        for sql, params in stmts:
+        for sql, params in self.dialect.prepared_times([p.name.record for p in found]):
             for row in conn.run(sql, params):
                 began[row["name"]] = row["recorded_at"]
         return sorted(
             (
                 PreparedTransaction.make(
-                    p.full_name, prefix, p.prepared_at or began.get(p.full_name), p.database
+                    p.name, prefix, p.prepared_at or began.get(p.name.record), p.database
                 )
                 for p in found
             ),

@@ -41,7 +41,7 @@ class ErrorKind(enum.Enum):
 class PreparedRow:
     """One prepared transaction as the database reports it."""
 
-    full_name: str
+    name: TxName
     prepared_at: datetime | None
     database: str
 
@@ -109,19 +109,11 @@ class Dialect(ABC):
     def record_rollback(self, name: TxName) -> Statement:
         """Insert the rolled-back tombstone unless present (rowcount 1 when inserted)."""
 
-    def forget_rollback(self, name: TxName) -> Statement:
-        """Delete a tombstone this call inserted for a name that turned out not to exist."""
-        return (
-            f"DELETE FROM {self.sql.quote_ident(OUTCOME_TABLE)} "
-            "WHERE name = %s AND outcome = 'rolled_back'",
-            (name.full,),
-        )
-
     def outcomes(self, name: TxName) -> Statement:
         """Select the recorded outcomes of a name (column ``outcome``)."""
         return (
             f"SELECT outcome FROM {self.sql.quote_ident(OUTCOME_TABLE)} WHERE name = %s",
-            (name.full,),
+            (name.record,),
         )
 
     @abstractmethod

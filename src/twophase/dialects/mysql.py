@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..names import XA_FORMAT_ID, TxName
+from ..names import XA_FORMAT_ID, TxName, parse_branch
 from ..sql import MYSQL
 from .base import OUTCOME_TABLE, Dialect, ErrorKind, PreparedRow, Statement, split_statements
 
@@ -33,7 +33,7 @@ class MySQLDialect(Dialect):
         """The outcome table; ascii_bin keeps names case-sensitive as gtrids are."""
         return (
             f"CREATE TABLE IF NOT EXISTS {self._table} ("
-            " name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,"
+            " name VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,"
             " outcome VARCHAR(16) CHARACTER SET ascii NOT NULL,"
             " recorded_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),"
             " PRIMARY KEY (name, outcome)"
@@ -45,14 +45,14 @@ class MySQLDialect(Dialect):
         return "START TRANSACTION"
 
     def xid(self, name: TxName) -> str:
-        """The XA id: gtrid = the name, empty bqual, twophase's formatID."""
-        return f"{self.literal(name.full)},'',{XA_FORMAT_ID}"
+        """The XA id: gtrid = the name, bqual = the branch qualifier, twophase's formatID."""
+        return f"{self.literal(name.full)},{self.literal(name.branch or '')},{XA_FORMAT_ID}"
 
     def claim(self, name: TxName) -> tuple[str, ...]:
         """XA START fails at once (XAER_DUPID) when the id is active or prepared anywhere."""
         return (
             f"XA START {self.xid(name)}",
-            f"INSERT INTO {self._table} (name, outcome) VALUES ({self.literal(name.full)}, "
+            f"INSERT INTO {self._table} (name, outcome) VALUES ({self.literal(name.record)}, "
             "'committed')",
         )
 
@@ -76,7 +76,7 @@ class MySQLDialect(Dialect):
         """Tombstone insert; INSERT IGNORE keeps it idempotent."""
         return (
             f"INSERT IGNORE INTO {self._table} (name, outcome) VALUES (%s, 'rolled_back')",
-            (name.full,),
+            (name.record,),
         )
 
     def list_prepared(self, prefix: str) -> Statement:
@@ -84,15 +84,19 @@ class MySQLDialect(Dialect):
         return ("XA RECOVER", None)
 
     def parse_prepared(self, rows: list[dict[str, Any]], database: str) -> list[PreparedRow]:
-        """Keep branches with twophase's formatID and no branch qualifier."""
+        """Keep branches with twophase's formatID."""
         out = []
         for row in rows:
-            if int(row["formatID"]) != XA_FORMAT_ID or int(row["bqual_length"]) != 0:
+            if int(row["formatID"]) != XA_FORMAT_ID:
                 continue
             data = row["data"]
             raw = data if isinstance(data, bytes) else str(data).encode()
-            gtrid = raw[: int(row["gtrid_length"])].decode("ascii", "replace")
-            out.append(PreparedRow(gtrid, None, database))
+            glen, blen = int(row["gtrid_length"]), int(row["bqual_length"])
+            gtrid = raw[:glen].decode("ascii", "replace")
+            bqual = raw[glen : glen + blen].decode("ascii", "replace")
+            name = parse_branch(gtrid, bqual)
+            if name is not None:
+                out.append(PreparedRow(name, None, database))
         return out
 
     def prepared_times(self, names: list[str]) -> tuple[Statement, ...]:

@@ -32,7 +32,7 @@ class PostgresDialect(Dialect):
         """The outcome table; the primary key makes a second claim of one name collide."""
         return (
             f"CREATE TABLE IF NOT EXISTS {self._table} ("
-            " name varchar(64) NOT NULL,"
+            " name varchar(128) NOT NULL,"
             " outcome varchar(16) NOT NULL CHECK (outcome IN ('committed', 'rolled_back')),"
             " recorded_at timestamptz NOT NULL DEFAULT now(),"
             " PRIMARY KEY (name, outcome))",
@@ -50,7 +50,7 @@ class PostgresDialect(Dialect):
         """One round trip: BEGIN and the claim row, under a short lock timeout."""
         return (
             f"BEGIN; SET LOCAL lock_timeout = '{CLAIM_LOCK_TIMEOUT}'; "
-            f"INSERT INTO {self._table} (name, outcome) VALUES ({self.literal(name.full)}, "
+            f"INSERT INTO {self._table} (name, outcome) VALUES ({self.literal(name.record)}, "
             "'committed'); SET LOCAL lock_timeout = DEFAULT",
         )
 
@@ -75,7 +75,7 @@ class PostgresDialect(Dialect):
         return (
             f"INSERT INTO {self._table} (name, outcome) VALUES (%s, 'rolled_back') "
             "ON CONFLICT DO NOTHING",
-            (name.full,),
+            (name.record,),
         )
 
     def list_prepared(self, prefix: str) -> Statement:
@@ -91,9 +91,9 @@ class PostgresDialect(Dialect):
         """Keep twophase's own gids."""
         out = []
         for row in rows:
-            full = name_from_pg_gid(row["gid"])
-            if full is not None:
-                out.append(PreparedRow(full, row["prepared"], row["database"]))
+            name = name_from_pg_gid(row["gid"])
+            if name is not None:
+                out.append(PreparedRow(name, row["prepared"], row["database"]))
         return out
 
     def classify(self, exc: BaseException) -> ErrorKind:
