@@ -122,6 +122,59 @@ class AsyncTransaction(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         self._nested("savepoint()")
 
 
+class AsyncStaged:
+    """A claimed, open distributed transaction: staged work that is not prepared yet."""
+
+    def __init__(
+        self, db: AsyncDatabase, stack: AsyncExitStack, conn: AsyncConn, name: TxName
+    ) -> None:
+        self._db = db
+        self._stack = stack
+        self._conn = conn
+        self.name = name
+        self.tx = AsyncTransaction(db, conn, name)
+
+    async def prepare(self) -> None:
+        """Prepare the transaction and hand its connection back; on failure roll it back."""
+        db, conn, name = self._db, self._conn, self.name
+        dialect = db.dialect
+        self.tx._close()
+        async with self._stack:
+            if conn.in_failed_transaction():
+                # PostgreSQL would answer PREPARE with a silent rollback here.
+                await db._abandon(conn, name)
+                raise DatabaseError(
+                    f"a statement inside {str(name)!r} failed and the error was caught, so "
+                    "the database aborted the transaction; it was rolled back, not prepared"
+                )
+            try:
+                for stmt in dialect.prepare(name):
+                    await conn.run(stmt)
+            except Exception as exc:
+                kind = dialect.classify(exc)
+                # The server may have prepared it before the link broke: ask it.
+                if kind is ErrorKind.CONNECTION and await db._prepared_despite_loss(name):
+                    log.debug("prepared %s (confirmed after a lost connection)", name)
+                    return
+                await db._abandon(conn, name)
+                if kind is ErrorKind.UNSUPPORTED:
+                    raise NotSupported(
+                        f"{str(name)!r} could not be prepared: {exc}. Temporary tables, "
+                        "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
+                        "transaction; move them out of the distributed transaction"
+                    ) from exc
+                db._raise(exc, f"could not prepare {str(name)!r}; it was rolled back")
+            if dialect.prepare_detaches_session:
+                conn.discard()
+            log.debug("prepared %s", name)
+
+    async def abandon(self) -> None:
+        """Roll the transaction back (best effort) and hand its connection back."""
+        self.tx._close()
+        async with self._stack:
+            await self._db._abandon(self._conn, self.name)
+
+
 class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
     """One database (PostgreSQL or MariaDB/MySQL) and its pool of connections.
 
@@ -277,6 +330,19 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         """
         txname = self._name(name)
         self._refuse_nesting("distributed()")
+        staged = await self._stage(txname)
+        token = _context.ACTIVE.set(staged.tx)
+        try:
+            yield staged.tx
+        except BaseException:
+            await staged.abandon()
+            raise
+        finally:
+            _context.ACTIVE.reset(token)
+        await staged.prepare()
+
+    async def _stage(self, txname: TxName) -> AsyncStaged:
+        """Open a transaction and claim ``txname`` in it (see Dialect.claim)."""
         await self._ensure_ready(prepare=True)
         dialect = self.dialect
 
@@ -294,46 +360,10 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 ) from exc
             self._raise(exc, f"could not begin {str(txname)!r}")
 
+        stack = AsyncExitStack()
         claim, abort = dialect.claim(txname), dialect.abort(txname)
-        async with self._begun(claim, abort, failed, tpc=True) as conn:
-            tx = AsyncTransaction(self, conn, txname)
-            token = _context.ACTIVE.set(tx)
-            try:
-                yield tx
-            except BaseException:
-                tx._close()
-                await self._abandon(conn, txname)
-                raise
-            finally:
-                _context.ACTIVE.reset(token)
-            tx._close()
-            if conn.in_failed_transaction():
-                # PostgreSQL would answer PREPARE with a silent rollback here.
-                await self._abandon(conn, txname)
-                raise DatabaseError(
-                    f"a statement inside {str(txname)!r} failed and the error was caught, so "
-                    "the database aborted the transaction; it was rolled back, not prepared"
-                )
-            try:
-                for stmt in dialect.prepare(txname):
-                    await conn.run(stmt)
-            except Exception as exc:
-                kind = dialect.classify(exc)
-                # The server may have prepared it before the link broke: ask it.
-                if kind is ErrorKind.CONNECTION and await self._prepared_despite_loss(txname):
-                    log.debug("prepared %s (confirmed after a lost connection)", txname)
-                    return
-                await self._abandon(conn, txname)
-                if kind is ErrorKind.UNSUPPORTED:
-                    raise NotSupported(
-                        f"{str(txname)!r} could not be prepared: {exc}. Temporary tables, "
-                        "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
-                        "transaction; move them out of the distributed transaction"
-                    ) from exc
-                self._raise(exc, f"could not prepare {str(txname)!r}; it was rolled back")
-            if dialect.prepare_detaches_session:
-                conn.discard()
-            log.debug("prepared %s", txname)
+        conn = await stack.enter_async_context(self._begun(claim, abort, failed, tpc=True))
+        return AsyncStaged(self, stack, conn, txname)
 
     async def begin_distributed(
         self, name: str, fn: Callable[[AsyncTransaction], Awaitable[T]]

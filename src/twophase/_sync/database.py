@@ -124,6 +124,57 @@ class Transaction(QueryMethods[Rows, Row | None]):
         self._nested("savepoint()")
 
 
+class Staged:
+    """A claimed, open distributed transaction: staged work that is not prepared yet."""
+
+    def __init__(self, db: Database, stack: ExitStack, conn: Conn, name: TxName) -> None:
+        self._db = db
+        self._stack = stack
+        self._conn = conn
+        self.name = name
+        self.tx = Transaction(db, conn, name)
+
+    def prepare(self) -> None:
+        """Prepare the transaction and hand its connection back; on failure roll it back."""
+        db, conn, name = self._db, self._conn, self.name
+        dialect = db.dialect
+        self.tx._close()
+        with self._stack:
+            if conn.in_failed_transaction():
+                # PostgreSQL would answer PREPARE with a silent rollback here.
+                db._abandon(conn, name)
+                raise DatabaseError(
+                    f"a statement inside {str(name)!r} failed and the error was caught, so "
+                    "the database aborted the transaction; it was rolled back, not prepared"
+                )
+            try:
+                for stmt in dialect.prepare(name):
+                    conn.run(stmt)
+            except Exception as exc:
+                kind = dialect.classify(exc)
+                # The server may have prepared it before the link broke: ask it.
+                if kind is ErrorKind.CONNECTION and db._prepared_despite_loss(name):
+                    log.debug("prepared %s (confirmed after a lost connection)", name)
+                    return
+                db._abandon(conn, name)
+                if kind is ErrorKind.UNSUPPORTED:
+                    raise NotSupported(
+                        f"{str(name)!r} could not be prepared: {exc}. Temporary tables, "
+                        "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
+                        "transaction; move them out of the distributed transaction"
+                    ) from exc
+                db._raise(exc, f"could not prepare {str(name)!r}; it was rolled back")
+            if dialect.prepare_detaches_session:
+                conn.discard()
+            log.debug("prepared %s", name)
+
+    def abandon(self) -> None:
+        """Roll the transaction back (best effort) and hand its connection back."""
+        self.tx._close()
+        with self._stack:
+            self._db._abandon(self._conn, self.name)
+
+
 class Database(QueryMethods[Rows, Row | None]):
     """One database (PostgreSQL or MariaDB/MySQL) and its pool of connections.
 
@@ -279,6 +330,19 @@ class Database(QueryMethods[Rows, Row | None]):
         """
         txname = self._name(name)
         self._refuse_nesting("distributed()")
+        staged = self._stage(txname)
+        token = _context.ACTIVE.set(staged.tx)
+        try:
+            yield staged.tx
+        except BaseException:
+            staged.abandon()
+            raise
+        finally:
+            _context.ACTIVE.reset(token)
+        staged.prepare()
+
+    def _stage(self, txname: TxName) -> Staged:
+        """Open a transaction and claim ``txname`` in it (see Dialect.claim)."""
         self._ensure_ready(prepare=True)
         dialect = self.dialect
 
@@ -296,46 +360,10 @@ class Database(QueryMethods[Rows, Row | None]):
                 ) from exc
             self._raise(exc, f"could not begin {str(txname)!r}")
 
+        stack = ExitStack()
         claim, abort = dialect.claim(txname), dialect.abort(txname)
-        with self._begun(claim, abort, failed, tpc=True) as conn:
-            tx = Transaction(self, conn, txname)
-            token = _context.ACTIVE.set(tx)
-            try:
-                yield tx
-            except BaseException:
-                tx._close()
-                self._abandon(conn, txname)
-                raise
-            finally:
-                _context.ACTIVE.reset(token)
-            tx._close()
-            if conn.in_failed_transaction():
-                # PostgreSQL would answer PREPARE with a silent rollback here.
-                self._abandon(conn, txname)
-                raise DatabaseError(
-                    f"a statement inside {str(txname)!r} failed and the error was caught, so "
-                    "the database aborted the transaction; it was rolled back, not prepared"
-                )
-            try:
-                for stmt in dialect.prepare(txname):
-                    conn.run(stmt)
-            except Exception as exc:
-                kind = dialect.classify(exc)
-                # The server may have prepared it before the link broke: ask it.
-                if kind is ErrorKind.CONNECTION and self._prepared_despite_loss(txname):
-                    log.debug("prepared %s (confirmed after a lost connection)", txname)
-                    return
-                self._abandon(conn, txname)
-                if kind is ErrorKind.UNSUPPORTED:
-                    raise NotSupported(
-                        f"{str(txname)!r} could not be prepared: {exc}. Temporary tables, "
-                        "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
-                        "transaction; move them out of the distributed transaction"
-                    ) from exc
-                self._raise(exc, f"could not prepare {str(txname)!r}; it was rolled back")
-            if dialect.prepare_detaches_session:
-                conn.discard()
-            log.debug("prepared %s", txname)
+        conn = stack.enter_context(self._begun(claim, abort, failed, tpc=True))
+        return Staged(self, stack, conn, txname)
 
     def begin_distributed(self, name: str, fn: Callable[[Transaction], T]) -> T:
         """Run ``fn(tx)`` in a transaction, then prepare it under ``name``; return fn's result.
