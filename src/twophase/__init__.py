@@ -1,11 +1,15 @@
 """twophase: distributed transactions for Python on PostgreSQL and MariaDB/MySQL."""
 
 from ._async.connect import connect_async
+from ._async.coordinator import AsyncCoordinator, AsyncGlobalTransaction
 from ._async.database import AsyncDatabase, AsyncTransaction
 from ._sync.connect import connect
+from ._sync.coordinator import Coordinator, GlobalTransaction
 from ._sync.database import Database, Transaction
+from .decisions import RecoveryReport
 from .errors import (
     DatabaseError,
+    DeadlineExceeded,
     InDoubt,
     IntegrityError,
     InvalidQuery,
@@ -20,16 +24,22 @@ from .errors import (
     TwoPhaseError,
     UnknownTransaction,
 )
-from .protocol import PreparedTransaction, Status
+from .protocol import Decision, PreparedTransaction, Status
 from .sql import Rows
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCoordinator",
     "AsyncDatabase",
+    "AsyncGlobalTransaction",
     "AsyncTransaction",
+    "Coordinator",
     "Database",
     "DatabaseError",
+    "DeadlineExceeded",
+    "Decision",
+    "GlobalTransaction",
     "InDoubt",
     "IntegrityError",
     "InvalidQuery",
@@ -39,6 +49,7 @@ __all__ = [
     "PermissionDenied",
     "PreparedTransaction",
     "PreparedTransactionsDisabled",
+    "RecoveryReport",
     "Rows",
     "Status",
     "Transaction",

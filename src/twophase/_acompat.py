@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -32,3 +32,18 @@ async def acquire(sem: asyncio.BoundedSemaphore, timeout: float) -> bool:
 
 
 MYSQL_DB_KWARG = "db"  # aiomysql names the schema argument "db", PyMySQL "database"
+
+
+async def settle(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
+    """Run every call concurrently; each result or exception, in order.
+
+    Unlike plain gather, no call is abandoned when another fails: two-phase commit needs
+    the outcome of every branch.
+    """
+    if len(calls) == 1:
+        try:
+            return [await calls[0]()]
+        except Exception as exc:
+            return [exc]
+    results = await asyncio.gather(*(c() for c in calls), return_exceptions=True)
+    return list(results)

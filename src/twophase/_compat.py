@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -28,3 +29,33 @@ def acquire(sem: threading.BoundedSemaphore, timeout: float) -> bool:
 
 
 MYSQL_DB_KWARG = "database"
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            # Shared, so a global transaction does not pay for starting threads.
+            _pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="twophase")
+        return _pool
+
+
+def settle(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+    """Run every call concurrently (threads); each result or exception, in order."""
+    if len(calls) == 1:
+        try:
+            return [calls[0]()]
+        except Exception as exc:
+            return [exc]
+    futures = [_executor().submit(c) for c in calls]
+    out: list[T | BaseException] = []
+    for f in futures:
+        try:
+            out.append(f.result())
+        except Exception as exc:
+            out.append(exc)
+    return out

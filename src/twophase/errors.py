@@ -8,6 +8,7 @@
      +-- TransactionNameInUse        the name is prepared, active or already committed
      +-- UnknownTransaction          the database has never seen this name
      +-- TransactionRolledBack       asked to commit a name that was rolled back
+ |    +-- DeadlineExceeded       a global transaction passed its deadline undecided
      +-- TransactionCommitted        asked to roll back a name that was committed
      +-- PreparedTransactionsDisabled  PostgreSQL has max_prepared_transactions = 0
      +-- NotSupported                a backend or operation that cannot keep the guarantees
@@ -56,6 +57,10 @@ class TransactionRolledBack(TwoPhaseError):
     """Commit was asked for a transaction that was rolled back."""
 
 
+class DeadlineExceeded(TransactionRolledBack):
+    """A global transaction passed its deadline before it was decided; it rolled back."""
+
+
 class TransactionCommitted(TwoPhaseError):
     """Rollback was asked for a transaction that was committed."""
 
@@ -90,6 +95,7 @@ class IntegrityError(DatabaseError):
 
 __all__ = [
     "DatabaseError",
+    "DeadlineExceeded",
     "InDoubt",
     "IntegrityError",
     "InvalidQuery",

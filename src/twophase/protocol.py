@@ -156,3 +156,60 @@ class PreparedTransaction:
             self.full_name,
             self.branch or "",
         )
+
+
+# -- global transactions ----------------------------------------------------------------
+#
+# A global transaction spans branches on several databases. Its fate is one row in the
+# coordinator's decision log (see twophase.decisions): presumed abort, so no row means
+# "not committed". What recovery does with a prepared branch it finds:
+
+
+class Decision(enum.StrEnum):
+    """What the decision log holds for a global transaction."""
+
+    NONE = "none"  # no row: the coordinator never decided (presumed abort)
+    PENDING = "pending"  # waiting for branches prepared by other processes
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Recovery(enum.Enum):
+    """What recovery does with an in-doubt branch."""
+
+    COMMIT = "commit the branch"
+    ROLLBACK = "roll the branch back"
+    FENCE_AND_ROLLBACK = "write a rolled-back decision first, then roll the branch back"
+    WAIT = "leave it: its coordinator may still decide"
+
+
+#: (decision found, deadline passed?) -> action. A committed decision is final whatever the
+#: clock says: a branch with a commit decision is never rolled back. Without a decision,
+#: nothing is done before the deadline; after it, the rolled-back decision is written *before*
+#: any branch is touched, so a slow coordinator can no longer decide commit (its insert or
+#: update of the same row fails).
+RECOVERY: Final[dict[tuple[Decision, bool], Recovery]] = {
+    (Decision.COMMITTED, False): Recovery.COMMIT,
+    (Decision.COMMITTED, True): Recovery.COMMIT,
+    (Decision.ROLLED_BACK, False): Recovery.ROLLBACK,
+    (Decision.ROLLED_BACK, True): Recovery.ROLLBACK,
+    (Decision.PENDING, False): Recovery.WAIT,
+    (Decision.PENDING, True): Recovery.FENCE_AND_ROLLBACK,
+    (Decision.NONE, False): Recovery.WAIT,
+    (Decision.NONE, True): Recovery.FENCE_AND_ROLLBACK,
+}
+
+
+def recovery_action(decision: Decision, expired: bool) -> Recovery:
+    """The RECOVERY table as a function."""
+    return RECOVERY[(decision, expired)]
+
+
+#: Crash points of the coordinator, in protocol order (see twophase.testing).
+CRASH_POINTS: Final[tuple[str, ...]] = (
+    "before_prepare",  # branches staged, none prepared
+    "after_prepare",  # after the n-th prepare (``after_prepare:n``)
+    "before_decision",  # all prepared, no decision yet
+    "after_decision",  # decision durable, no branch committed
+    "after_commit",  # after the n-th commit (``after_commit:n``)
+)

@@ -133,6 +133,8 @@ class AsyncStaged:
         self._conn = conn
         self.name = name
         self.tx = AsyncTransaction(db, conn, name)
+        #: Set once PREPARE succeeded.
+        self.prepared = False
 
     async def prepare(self) -> None:
         """Prepare the transaction and hand its connection back; on failure roll it back."""
@@ -155,6 +157,7 @@ class AsyncStaged:
                 # The server may have prepared it before the link broke: ask it.
                 if kind is ErrorKind.CONNECTION and await db._prepared_despite_loss(name):
                     log.debug("prepared %s (confirmed after a lost connection)", name)
+                    self.prepared = True
                     return
                 await db._abandon(conn, name)
                 if kind is ErrorKind.UNSUPPORTED:
@@ -164,6 +167,7 @@ class AsyncStaged:
                         "transaction; move them out of the distributed transaction"
                     ) from exc
                 db._raise(exc, f"could not prepare {str(name)!r}; it was rolled back")
+            self.prepared = True
             if dialect.prepare_detaches_session:
                 conn.discard()
             log.debug("prepared %s", name)
@@ -484,6 +488,15 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
     async def _is_prepared(self, conn: AsyncConn, name: TxName) -> bool:
         rows = await conn.run(*self.dialect.list_prepared(name.full))
         return any(p.name == name for p in self.dialect.parse_prepared(rows, ""))
+
+    async def _list_branches(self, conn: AsyncConn, prefix: str) -> list[TxName]:
+        """Prepared branches of global transactions whose name starts with ``prefix``."""
+        rows = await conn.run(*self.dialect.list_prepared(prefix))
+        return [
+            p.name
+            for p in self.dialect.parse_prepared(rows, self.database)
+            if p.name.branch is not None and p.name.full.startswith(prefix)
+        ]
 
     async def prepared(self) -> list[PreparedTransaction]:
         """This database's prepared twophase transactions (in this namespace), oldest first.

@@ -133,6 +133,8 @@ class Staged:
         self._conn = conn
         self.name = name
         self.tx = Transaction(db, conn, name)
+        #: Set once PREPARE succeeded.
+        self.prepared = False
 
     def prepare(self) -> None:
         """Prepare the transaction and hand its connection back; on failure roll it back."""
@@ -155,6 +157,7 @@ class Staged:
                 # The server may have prepared it before the link broke: ask it.
                 if kind is ErrorKind.CONNECTION and db._prepared_despite_loss(name):
                     log.debug("prepared %s (confirmed after a lost connection)", name)
+                    self.prepared = True
                     return
                 db._abandon(conn, name)
                 if kind is ErrorKind.UNSUPPORTED:
@@ -164,6 +167,7 @@ class Staged:
                         "transaction; move them out of the distributed transaction"
                     ) from exc
                 db._raise(exc, f"could not prepare {str(name)!r}; it was rolled back")
+            self.prepared = True
             if dialect.prepare_detaches_session:
                 conn.discard()
             log.debug("prepared %s", name)
@@ -482,6 +486,15 @@ class Database(QueryMethods[Rows, Row | None]):
     def _is_prepared(self, conn: Conn, name: TxName) -> bool:
         rows = conn.run(*self.dialect.list_prepared(name.full))
         return any(p.name == name for p in self.dialect.parse_prepared(rows, ""))
+
+    def _list_branches(self, conn: Conn, prefix: str) -> list[TxName]:
+        """Prepared branches of global transactions whose name starts with ``prefix``."""
+        rows = conn.run(*self.dialect.list_prepared(prefix))
+        return [
+            p.name
+            for p in self.dialect.parse_prepared(rows, self.database)
+            if p.name.branch is not None and p.name.full.startswith(prefix)
+        ]
 
     def prepared(self) -> list[PreparedTransaction]:
         """This database's prepared twophase transactions (in this namespace), oldest first.

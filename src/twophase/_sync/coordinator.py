@@ -1,0 +1,733 @@
+# WARNING: generated from twophase/_async/coordinator.py by tools/async_to_sync.py.
+# Edit the async source and run `python tools/async_to_sync.py`; CI checks they agree.
+"""Coordinator: one atomic commit across several databases, recovery and deadlines.
+
+The protocol (presumed abort; tables in ``protocol.py``, log rows in ``decisions.py``):
+
+1. Each ``enlist`` opens a branch on a participant, claims ``<name>#<index>.<deadline>`` in
+   it and runs the caller's function. A branch on the *log* participant becomes the
+   decision branch instead: an ordinary transaction that is never prepared.
+2. At the end of the block every branch is prepared, concurrently; branches other
+   processes prepare (``expect``) are awaited by name. Any failure or "no": all roll back.
+3. The commit decision becomes durable: its row is inserted in the decision branch and
+   committed with it, in one round trip (or, with no decision branch, inserted on its own).
+   A recovery process that gave up on the transaction has inserted a rolled-back row
+   first; the primary key then refuses the commit decision, and everything rolls back.
+4. Every prepared branch is committed, concurrently, with retries. A participant that stays
+   unreachable raises ``InDoubt``: the decision stands and ``recover()`` finishes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, NoReturn, TypeVar
+
+from .. import _compat, _context, testing
+from ..decisions import BranchRef, DecisionLog, PreparedBranch, RecoveryReport, decode_branches
+from ..dialects import ErrorKind
+from ..errors import (
+    DeadlineExceeded,
+    InDoubt,
+    NestedTransactionError,
+    TransactionRolledBack,
+    TwoPhaseError,
+    UnknownTransaction,
+)
+from ..names import TxName, validate_name, validate_namespace
+from ..protocol import Action, Decision, Recovery, Status, recovery_action
+from .database import Database, Staged, Transaction
+
+T = TypeVar("T")
+log = logging.getLogger("twophase.coordinator")
+
+Compensation = Callable[[Any, str], None]
+
+
+class GlobalTransaction:
+    """One global transaction; made by :meth:`Coordinator.transaction`."""
+
+    def __init__(self, coord: Coordinator, name: TxName, deadline: int) -> None:
+        self._coord = coord
+        self.name = name
+        self.deadline = deadline
+        self._staged: list[tuple[str, Staged]] = []
+        self._expected: list[PreparedBranch] = []
+        self._decision_stack: ExitStack | None = None
+        self._decision_tx: Transaction | None = None
+        self._compensations = 0
+        self._next_index = 1
+        self._pending_row = False
+        self._open = True
+
+    @property
+    def gtrid(self) -> str:
+        """The global transaction's name as stored (namespace included)."""
+        return self.name.full
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise NestedTransactionError(
+                f"global transaction {self.gtrid!r} has already ended; begin a new one"
+            )
+        if time.time() > self.deadline:
+            raise DeadlineExceeded(
+                f"global transaction {self.gtrid!r} passed its deadline before it was "
+                "decided; it is being rolled back. Give it a longer timeout"
+            )
+
+    def enlist(self, participant: str, fn: Callable[[Transaction], T]) -> T:
+        """Run ``fn(tx)`` now in a new branch on ``participant``; return fn's result.
+
+        The branch stays open until the block ends, then it is prepared with the others.
+        If ``fn`` raises, the exception propagates and the whole global transaction rolls
+        back when the block ends.
+        """
+        self._check_open()
+        db = self._coord._participant(participant)
+        if participant == self._coord.log_key and self._decision_tx is None:
+            # The decision branch: an ordinary transaction whose COMMIT carries the decision.
+            stack = ExitStack()
+            dialect = db.dialect
+
+            def failed(exc: Exception) -> NoReturn:
+                db._raise(exc, f"could not begin a branch of {self.gtrid!r}")
+
+            conn = stack.enter_context(db._begun((dialect.begin(),), (dialect.rollback(),), failed))
+            self._decision_stack = stack
+            self._decision_tx = Transaction(db, conn, None)
+            return self._run(self._decision_tx, fn)
+        index = self._next_index
+        self._next_index += 1
+        staged = db._stage(self.name.with_branch(index, self.deadline))
+        self._staged.append((participant, staged))
+        return self._run(staged.tx, fn)
+
+    def _run(self, tx: Transaction, fn: Callable[[Transaction], T]) -> T:
+        token = _context.ACTIVE.set(tx)
+        try:
+            return fn(tx)
+        finally:
+            _context.ACTIVE.reset(token)
+
+    def expect(self, participant: str, name: str) -> None:
+        """Wait, at commit time, for ``name`` to be prepared on ``participant`` by someone else.
+
+        This is the seed's "commits when all participants signal readiness": a prepared
+        transaction *is* the signal. The expectation is written to the decision log at once,
+        so recovery can roll the branch back if this coordinator dies before deciding.
+        """
+        self._check_open()
+        db = self._coord._participant(participant)
+        self._expected.append(PreparedBranch(participant, db._name(name)))
+        refs = [BranchRef(p.participant, p.name.record) for p in self._expected]
+        coord = self._coord
+        if not self._pending_row:
+            coord._log_run(coord._log.decide(self.gtrid, "pending", self.deadline, refs))
+            self._pending_row = True
+        else:
+            sql = f"UPDATE {coord._log.decisions} SET branches = %s WHERE gtrid = %s"
+            coord._log_run((sql, (json.dumps([r.as_json() for r in refs]), self.gtrid)))
+
+    def compensate(self, handler: str, payload: Any = None) -> None:
+        """Record, durably and now, a compensation to run if this transaction rolls back.
+
+        ``handler`` names a function registered with ``coordinator.on_compensate``; it is
+        called with ``payload`` (JSON-serializable) and a stable key for idempotency.
+        """
+        self._check_open()
+        self._coord._handler(handler)
+        self._compensations += 1
+        coord = self._coord
+        coord._log_run(
+            coord._log.add_compensation(self.gtrid, self._compensations, handler, payload)
+        )
+
+    # -- ending -----------------------------------------------------------------------
+
+    def _prepared_refs(self) -> list[BranchRef]:
+        refs = [BranchRef(p, s.name.record) for p, s in self._staged]
+        return refs + [BranchRef(p.participant, p.name.record) for p in self._expected]
+
+    def _commit(self) -> None:
+        coord = self._coord
+        self._open = False
+        if time.time() > self.deadline:
+            self._rollback("deadline passed before prepare")
+            raise DeadlineExceeded(f"global transaction {self.gtrid!r} passed its deadline")
+        testing.reached("before_prepare")
+        failures = self._prepare_all()
+        if failures:
+            self._rollback(f"a branch failed to prepare: {failures[0]}")
+            raise TransactionRolledBack(
+                f"global transaction {self.gtrid!r} rolled back: a branch could not be "
+                f"prepared ({failures[0]})"
+            ) from failures[0]
+        if not self._await_expected():
+            self._rollback("an expected branch was not prepared in time")
+            raise DeadlineExceeded(
+                f"global transaction {self.gtrid!r} rolled back: an expected branch was not "
+                "prepared before the deadline (or was rolled back by its owner)"
+            )
+        testing.reached("before_decision")
+        if not self._decide():
+            self._rollback("a recovery process decided rollback first (deadline)")
+            raise DeadlineExceeded(
+                f"global transaction {self.gtrid!r} rolled back: it passed its deadline and "
+                "a recovery process rolled it back before the commit decision"
+            )
+        testing.reached("after_decision")
+        coord._commit_branches(self.gtrid, self._prepared())
+
+    def _prepared(self) -> list[PreparedBranch]:
+        mine = [PreparedBranch(p, s.name) for p, s in self._staged if s.prepared]
+        return mine + self._expected
+
+    def _prepare_all(self) -> list[BaseException]:
+        if testing.armed():
+            # Deterministic order, so a crash point names the same step on every run.
+            failures: list[BaseException] = []
+            for n, (_, staged) in enumerate(self._staged, 1):
+                try:
+                    staged.prepare()
+                except Exception as exc:
+                    failures.append(exc)
+                    break
+                testing.reached(f"after_prepare:{n}")
+            for _, staged in self._staged[n:] if failures else []:
+                staged.abandon()
+            return failures
+        results = _compat.settle([s.prepare for _, s in self._staged])
+        return [r for r in results if isinstance(r, BaseException)]
+
+    def _await_expected(self) -> bool:
+        delay = 0.01
+        waiting = list(self._expected)
+        while waiting:
+            still = []
+            for p in waiting:
+                db = self._coord._participant(p.participant)
+                status = db._on_fresh_connection(db._status, p.name)
+                if status is Status.ROLLED_BACK or status is Status.COMMITTED:
+                    return False  # a branch must be prepared, not finished, to vote yes
+                if status is not Status.PREPARED:
+                    still.append(p)
+            waiting = still
+            if not waiting:
+                return True
+            if time.time() > self.deadline:
+                return False
+            _compat.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        return True
+
+    def _decide(self) -> bool:
+        """Make the commit decision durable; False when a rollback decision won the race."""
+        coord = self._coord
+        logdb = coord._log_db
+        dialect = logdb.dialect
+        refs = self._prepared_refs()
+        if self._pending_row:
+            decide_sql: tuple[str, Any] = coord._log.settle_pending(self.gtrid, "committed", None)
+        else:
+            decide_sql = (coord._log.commit_inline(self.gtrid, self.deadline, refs), None)
+        tx, stack = self._decision_tx, self._decision_stack
+        if tx is None or stack is None:
+            try:
+                rows = coord._log_run(decide_sql)
+            except TwoPhaseError as exc:
+                if isinstance(exc.__cause__, Exception) and dialect.classify(exc.__cause__) in (
+                    ErrorKind.DUPLICATE_KEY,
+                    ErrorKind.INTEGRITY,
+                ):
+                    return False
+                return self._unknown_decision(exc)
+            return not self._pending_row or rows.rowcount == 1
+        conn = tx._conn
+        tx._close()
+        with stack:
+            try:
+                if self._pending_row:
+                    rows = conn.run(*decide_sql)
+                    if rows.rowcount != 1:
+                        conn.run(dialect.rollback())
+                        return False
+                    conn.run(dialect.commit())
+                elif dialect.name == "postgresql":
+                    # One round trip: the decision and the branch commit together.
+                    conn.run(f"{decide_sql[0]}; {dialect.commit()}")
+                else:
+                    conn.run(decide_sql[0])
+                    conn.run(dialect.commit())
+            except Exception as exc:
+                kind = dialect.classify(exc)
+                if kind in (ErrorKind.DUPLICATE_KEY, ErrorKind.INTEGRITY):
+                    logdb._quietly(conn, (dialect.rollback(),))
+                    return False
+                conn.discard()
+                return self._unknown_decision(exc)
+        return True
+
+    def _unknown_decision(self, exc: BaseException) -> bool:
+        """The decision write failed in a way that leaves its fate unknown: ask the log.
+
+        True when the decision is there (phase 2 goes on); otherwise ``InDoubt``, because a
+        commit still in flight on the old connection may yet land, so rolling back now could
+        contradict it. ``recover()`` settles it either way.
+        """
+        coord = self._coord
+        try:
+            rows = coord._log_run(coord._log.lookup([self.gtrid]))
+        except TwoPhaseError:
+            rows = None
+        if rows and rows[0]["outcome"] == "committed":
+            return True
+        raise InDoubt(
+            f"could not learn whether the commit decision of {self.gtrid!r} was written "
+            f"({exc}); recover() will finish or roll back every branch once the log "
+            "database is reachable"
+        ) from exc
+
+    def _rollback(self, reason: str) -> None:
+        """Roll everything back; a durable rolled-back decision first when others need it."""
+        coord = self._coord
+        self._open = False
+        if self._decision_tx is not None and self._decision_stack is not None:
+            logdb = coord._log_db
+            self._decision_tx._close()
+            with self._decision_stack:
+                logdb._quietly(self._decision_tx._conn, (logdb.dialect.rollback(),))
+            self._decision_tx = None
+        staged_open = [s for _, s in self._staged if s.tx._open]
+        _compat.settle([s.abandon for s in staged_open])
+        if self._pending_row or self._compensations:
+            # Recovery and the compensation runner read the decision log; without this row
+            # a pending expectation would wait for its deadline.
+            refs = self._prepared_refs()
+            if self._pending_row:
+                coord._log_run(coord._log.settle_pending(self.gtrid, "rolled_back", reason))
+            else:
+                coord._log_run(coord._log.fence(self.gtrid, self.deadline, refs, reason))
+        coord._rollback_branches(self.gtrid, self._prepared(), reason)
+        if self._compensations:
+            coord.run_compensations()
+
+
+class Coordinator:
+    """Coordinates global transactions over named participant databases.
+
+    ``participants`` maps stable keys (they are written to the decision log) to databases;
+    ``log`` names the participant whose database keeps the decision log. Every process that
+    coordinates or recovers the same transactions must use the same keys.
+    """
+
+    def __init__(
+        self,
+        participants: Mapping[str, Database],
+        *,
+        log: str,
+        namespace: str | None = None,
+        concurrency: int = 16,
+    ) -> None:
+        if not participants:
+            raise ValueError("a coordinator needs at least one participant database")
+        for key in participants:
+            validate_name(key, what="participant key")
+        if log not in participants:
+            raise ValueError(
+                f"log={log!r} is not a participant; name one of {sorted(participants)}"
+            )
+        self.participants = dict(participants)
+        self.log_key = log
+        self.namespace = validate_namespace(namespace)
+        self.concurrency = concurrency
+        self._log_db = participants[log]
+        self._log = DecisionLog(self._log_db.dialect)
+        self._log_ready = False
+        self._handlers: dict[str, Compensation] = {}
+
+    # -- configuration ----------------------------------------------------------------
+
+    def on_compensate(self, handler: str) -> Callable[[Compensation], Compensation]:
+        """Register a compensation function under ``handler`` (a decorator)."""
+        validate_name(handler, what="compensation handler name")
+
+        def register(fn: Compensation) -> Compensation:
+            self._handlers[handler] = fn
+            return fn
+
+        return register
+
+    def _handler(self, handler: str) -> Compensation:
+        try:
+            return self._handlers[handler]
+        except KeyError:
+            raise ValueError(
+                f"no compensation handler {handler!r}; register it with "
+                f"@coordinator.on_compensate({handler!r}) in every process that may run it"
+            ) from None
+
+    def _participant(self, key: str) -> Database:
+        try:
+            return self.participants[key]
+        except KeyError:
+            raise ValueError(
+                f"unknown participant {key!r}; known: {', '.join(sorted(self.participants))}"
+            ) from None
+
+    # -- global transactions ----------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, name: str, *, timeout: float = 30.0) -> Iterator[GlobalTransaction]:
+        """A global transaction: commits everywhere when the block ends, or nowhere.
+
+        ``timeout`` (seconds) sets the deadline: a transaction not decided by then is rolled
+        back, by this process or, if it died, by ``recover()``.
+        """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        _context.refuse_nesting("coordinator.transaction()")
+        self._ensure_log()
+        g = GlobalTransaction(
+            self, TxName.make(name, self.namespace), int(time.time() + timeout) + 1
+        )
+        try:
+            yield g
+        except BaseException as exc:
+            if g._open:
+                g._rollback(f"the block raised {type(exc).__name__}")
+            raise
+        g._commit()
+
+    def run(
+        self,
+        name: str,
+        branches: Mapping[str, Callable[[Transaction], Any]],
+        *,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Run one function per participant as one global transaction; their results."""
+        results: dict[str, Any] = {}
+        with self.transaction(name, timeout=timeout) as g:
+            for key, fn in branches.items():
+                results[key] = g.enlist(key, fn)
+        return results
+
+    def status(self, name: str) -> Decision:
+        """The decision log's word on a global transaction."""
+        self._ensure_log()
+        gtrid = TxName.make(name, self.namespace).full
+        rows = self._log_run(self._log.lookup([gtrid]))
+        return Decision(rows[0]["outcome"]) if rows else Decision.NONE
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The audit events recorded for a global transaction, oldest first."""
+        self._ensure_log()
+        gtrid = TxName.make(name, self.namespace).full
+        return list(self._log_run(self._log.history(gtrid)))
+
+    # -- phase 2 and rollback, shared by transactions and recovery ---------------------
+
+    def _commit_branches(self, gtrid: str, branches: Sequence[PreparedBranch]) -> None:
+        def commit(p: PreparedBranch) -> None:
+            self._participant(p.participant)._finish(Action.COMMIT, p.name)
+
+        if testing.armed():
+            for n, p in enumerate(branches, 1):
+                commit(p)
+                testing.reached(f"after_commit:{n}")
+            return
+        results = _compat.settle([_bind(commit, p) for p in branches])
+        failed = [
+            (p, r) for p, r in zip(branches, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if failed:
+            p, exc = failed[0]
+            raise InDoubt(
+                f"global transaction {gtrid!r} is committed (the decision is durable), but "
+                f"{len(failed)} branch(es) could not be reached yet, e.g. {str(p.name)!r} on "
+                f"{p.participant!r} ({exc}); recover() will finish them"
+            ) from exc
+
+    def _rollback_branches(
+        self, gtrid: str, branches: Sequence[PreparedBranch], reason: str
+    ) -> None:
+        def rollback(p: PreparedBranch) -> None:
+            # UnknownTransaction: never prepared (its owner did not get that far).
+            with contextlib.suppress(UnknownTransaction):
+                self._participant(p.participant)._finish(Action.ROLLBACK, p.name)
+
+        results = _compat.settle([_bind(rollback, p) for p in branches])
+        for p, r in zip(branches, results, strict=True):
+            if isinstance(r, BaseException):
+                log.warning("rollback of %s on %s failed: %s", p.name, p.participant, r)
+        self._audit(gtrid, "rollback", outcome="rolled_back", detail=reason)
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def recover(self, *, dry_run: bool = False, batch: int = 500) -> RecoveryReport:
+        """Finish every in-doubt branch on every participant by the decision log.
+
+        Branches with a commit decision are committed; without a decision and past their
+        deadline, a rolled-back decision is written first and they are rolled back, and
+        the transaction's compensations run. Idempotent; any number of processes may run it
+        at once: each global transaction is handled by whoever locks its decision row.
+        """
+        self._ensure_log()
+        report = RecoveryReport()
+        found: dict[str, list[PreparedBranch]] = {}
+        prefix = f"{self.namespace}:" if self.namespace else ""
+        for key, db in self.participants.items():
+            try:
+                listed = db._on_fresh_connection(db._list_branches, prefix)
+            except TwoPhaseError as exc:
+                report.errors.append(f"{key}: {exc}")
+                continue
+            for name in listed:
+                found.setdefault(name.full, []).append(PreparedBranch(key, name))
+        gtrids = sorted(found)
+        for start in range(0, len(gtrids), batch):
+            self._recover_batch(gtrids[start : start + batch], found, report, dry_run)
+        self._recover_pending(report, dry_run, batch)
+        if not dry_run:
+            report.compensations += self.run_compensations()
+        return report
+
+    def _recover_batch(
+        self,
+        gtrids: list[str],
+        found: dict[str, list[PreparedBranch]],
+        report: RecoveryReport,
+        dry_run: bool,
+    ) -> None:
+        logdb = self._log_db
+        now = time.time()
+
+        def failed(exc: Exception) -> NoReturn:
+            logdb._raise(exc, "could not open the decision log")
+
+        dialect = logdb.dialect
+        with logdb._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
+            try:
+                existing = {r["gtrid"]: r for r in conn.run(*self._log.lookup(gtrids))}
+                mine = {
+                    r["gtrid"]: r
+                    for r in (
+                        conn.run(*self._log.lookup(sorted(existing), lock=True)) if existing else []
+                    )
+                }
+                commits: list[PreparedBranch] = []
+                rollbacks: list[tuple[str, PreparedBranch]] = []
+                fenced: list[str] = []
+                for gtrid in gtrids:
+                    branches = found[gtrid]
+                    row = existing.get(gtrid)
+                    if row is not None and gtrid not in mine:
+                        report.skipped += len(branches)
+                        continue
+                    decision = Decision(row["outcome"]) if row else Decision.NONE
+                    deadline = min(b.name.deadline or 0 for b in branches)
+                    if row is not None:
+                        deadline = int(row["deadline"])
+                    action = recovery_action(decision, now > deadline)
+                    if action is Recovery.WAIT:
+                        report.waiting += len(branches)
+                        continue
+                    if action is Recovery.FENCE_AND_ROLLBACK and not dry_run:
+                        if decision is Decision.PENDING:
+                            sql = self._log.settle_pending(gtrid, "rolled_back", "deadline")
+                        else:
+                            refs = [BranchRef(b.participant, b.name.record) for b in branches]
+                            sql = self._log.fence(gtrid, deadline, refs, "deadline")
+                        if (conn.run(*sql)).rowcount != 1:
+                            report.skipped += len(branches)  # decided meanwhile: next pass
+                            continue
+                        fenced.append(gtrid)
+                    for b in branches:
+                        if action is Recovery.COMMIT:
+                            commits.append(b)
+                        else:
+                            rollbacks.append((gtrid, b))
+                        report.actions.append(
+                            (gtrid, b.participant, str(b.name), action.name.lower())
+                        )
+                if dry_run:
+                    report.committed += len(commits)
+                    report.rolled_back += len(rollbacks)
+                    conn.run(dialect.rollback())
+                    return
+                self._resolve(commits, rollbacks, report)
+                for gtrid in fenced:
+                    conn.run(
+                        *self._log.record(gtrid, "expired", outcome="rolled_back", actor="recover")
+                    )
+                conn.run(dialect.commit())
+            except BaseException:
+                logdb._quietly(conn, (dialect.rollback(),))
+                raise
+
+    def _resolve(
+        self,
+        commits: list[PreparedBranch],
+        rollbacks: list[tuple[str, PreparedBranch]],
+        report: RecoveryReport,
+    ) -> None:
+        def finish(action: Action, p: PreparedBranch) -> None:
+            self._participant(p.participant)._finish(action, p.name)
+
+        work = [(Action.COMMIT, p) for p in commits] + [(Action.ROLLBACK, p) for _, p in rollbacks]
+        for start in range(0, len(work), self.concurrency):
+            chunk = work[start : start + self.concurrency]
+            results = _compat.settle([_bind2(finish, a, p) for a, p in chunk])
+            for (action, p), r in zip(chunk, results, strict=True):
+                if isinstance(r, BaseException):
+                    if isinstance(r, UnknownTransaction):
+                        continue  # finished by someone else between listing and now
+                    report.in_doubt += 1
+                    report.errors.append(f"{action.value} {p.name} on {p.participant}: {r}")
+                elif action is Action.COMMIT:
+                    report.committed += 1
+                else:
+                    report.rolled_back += 1
+
+    def _recover_pending(self, report: RecoveryReport, dry_run: bool, batch: int) -> None:
+        """Expected branches of coordinators that died before deciding, past the deadline."""
+        logdb = self._log_db
+        dialect = logdb.dialect
+
+        def failed(exc: Exception) -> NoReturn:
+            logdb._raise(exc, "could not open the decision log")
+
+        with logdb._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
+            try:
+                rows = conn.run(*self._log.expired_pending(int(time.time()), batch))
+                rollbacks: list[tuple[str, PreparedBranch]] = []
+                for row in rows:
+                    for ref in decode_branches(row["branches"]):
+                        if ref.participant not in self.participants:
+                            report.errors.append(f"{row['gtrid']}: unknown participant {ref}")
+                            continue
+                        name = _record_name(ref.record)
+                        rollbacks.append((row["gtrid"], PreparedBranch(ref.participant, name)))
+                        report.actions.append(
+                            (row["gtrid"], ref.participant, ref.record, "fence_and_rollback")
+                        )
+                    if not dry_run:
+                        settle = self._log.settle_pending(row["gtrid"], "rolled_back", "deadline")
+                        conn.run(*settle)
+                        conn.run(
+                            *self._log.record(
+                                row["gtrid"], "expired", outcome="rolled_back", actor="recover"
+                            )
+                        )
+                if dry_run:
+                    report.rolled_back += len(rollbacks)
+                    conn.run(dialect.rollback())
+                    return
+                self._resolve([], rollbacks, report)
+                conn.run(dialect.commit())
+            except BaseException:
+                logdb._quietly(conn, (dialect.rollback(),))
+                raise
+
+    def run_compensations(self, *, limit: int = 100) -> int:
+        """Run the pending compensations of rolled-back transactions; how many ran.
+
+        Each runs inside a transaction that holds its row (SKIP LOCKED), and is marked done
+        in that same transaction: a crash mid-handler leaves it pending, to run again with
+        the same key. Handlers must therefore be idempotent by that key.
+        """
+        logdb = self._log_db
+        dialect = logdb.dialect
+        ran = 0
+
+        def failed(exc: Exception) -> NoReturn:
+            logdb._raise(exc, "could not open the decision log")
+
+        while True:
+            with logdb._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
+                try:
+                    rows = conn.run(*self._log.due_compensations(limit))
+                    for row in rows:
+                        key = f"{row['gtrid']}:{row['seq']}"
+                        handler = self._handlers.get(row["handler"])
+                        if handler is None:
+                            log.warning("no handler %r in this process for %s", row["handler"], key)
+                            continue
+                        try:
+                            handler(json.loads(row["payload"]), key)
+                        except Exception as exc:
+                            conn.run(
+                                *self._log.finish_compensation(
+                                    row["gtrid"], row["seq"], "pending", repr(exc)
+                                )
+                            )
+                            conn.run(
+                                *self._log.record(
+                                    row["gtrid"], "compensation_failed", detail=repr(exc)
+                                )
+                            )
+                            continue
+                        conn.run(
+                            *self._log.finish_compensation(row["gtrid"], row["seq"], "done", None)
+                        )
+                        conn.run(
+                            *self._log.record(
+                                row["gtrid"], "compensated", outcome="done", detail=row["handler"]
+                            )
+                        )
+                        ran += 1
+                    conn.run(dialect.commit())
+                except BaseException:
+                    logdb._quietly(conn, (dialect.rollback(),))
+                    raise
+            if len(rows) < limit:
+                return ran
+
+    def compensations(self, name: str) -> list[dict[str, Any]]:
+        """The compensations recorded for a global transaction."""
+        gtrid = TxName.make(name, self.namespace).full
+        return list(self._log_run(self._log.compensations_of(gtrid)))
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _ensure_log(self) -> None:
+        if self._log_ready:
+            return
+        for stmt in self._log.schema():
+            self._log_run((stmt, None))
+        self._log_ready = True
+
+    def _log_run(self, stmt: tuple[str, Any]) -> Any:
+        db = self._log_db
+        return db._autocommit(stmt[0], stmt[1])
+
+    def _audit(self, gtrid: str, event: str, **kw: Any) -> None:
+        try:
+            self._log_run(self._log.record(gtrid, event, **kw))
+        except TwoPhaseError:
+            # The audit trail never changes an outcome.
+            log.warning("could not record %s of %s", event, gtrid, exc_info=True)
+
+
+def _bind(fn: Callable[[Any], None], arg: Any) -> Callable[[], None]:
+    def call() -> None:
+        fn(arg)
+
+    return call
+
+
+def _bind2(fn: Callable[[Any, Any], None], a: Any, b: Any) -> Callable[[], None]:
+    def call() -> None:
+        fn(a, b)
+
+    return call
+
+
+def _record_name(record: str) -> TxName:
+    full, _, branch = record.partition("#")
+    return TxName(full, branch or None)

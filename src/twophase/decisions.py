@@ -1,0 +1,286 @@
+"""The coordinator's log tables (decisions, compensations, audit) as SQL; no I/O.
+
+One row per global transaction in ``twophase_decision`` arbitrates its fate. Its primary key
+is the global name, so exactly one of these inserts can ever succeed for a name:
+
+- the coordinator's commit decision (written inside the decision branch, or on its own),
+- a recovery process's rolled-back *fence*, written once the deadline has passed.
+
+A ``pending`` row is written up front only when the transaction waits for branches that
+other processes prepare (their names cannot be derived, so recovery must find them here);
+its decision is then an UPDATE from ``pending``, which again only one writer can win.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dialects import Dialect
+from .names import TxName
+
+DECISIONS = "twophase_decision"
+COMPENSATIONS = "twophase_compensation"
+AUDIT = "twophase_audit"
+
+Statement = tuple[str, tuple[Any, ...] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class BranchRef:
+    """Where a branch lives: participant key and the branch's outcome-record name."""
+
+    participant: str
+    record: str
+
+    def as_json(self) -> list[str]:
+        """Compact form stored in the decision row."""
+        return [self.participant, self.record]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBranch:
+    """A branch known to be prepared (or expected to be), on one participant."""
+
+    participant: str
+    name: TxName
+
+
+@dataclass
+class RecoveryReport:
+    """What one ``recover()`` pass found and did."""
+
+    committed: int = 0
+    rolled_back: int = 0
+    waiting: int = 0  # undecided branches still within their deadline
+    skipped: int = 0  # held by another recovery process, or decided meanwhile
+    in_doubt: int = 0  # the participant could not be reached; the next pass retries
+    compensations: int = 0
+    actions: list[tuple[str, str, str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, for JSON."""
+        return {
+            "committed": self.committed,
+            "rolled_back": self.rolled_back,
+            "waiting": self.waiting,
+            "skipped": self.skipped,
+            "in_doubt": self.in_doubt,
+            "compensations": self.compensations,
+            "actions": [
+                {"gtrid": g, "participant": p, "branch": b, "action": a}
+                for g, p, b, a in self.actions
+            ],
+            "errors": self.errors,
+        }
+
+
+def encode_branches(branches: list[BranchRef]) -> str:
+    """The decision row's ``branches`` column."""
+    return json.dumps([b.as_json() for b in branches], separators=(",", ":"))
+
+
+def decode_branches(text: str | None) -> list[BranchRef]:
+    """Inverse of :func:`encode_branches`."""
+    return [BranchRef(p, r) for p, r in json.loads(text or "[]")]
+
+
+class DecisionLog:
+    """SQL for the log tables in one database."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        q = dialect.sql.quote_ident
+        self.decisions, self.compensations, self.audit = q(DECISIONS), q(COMPENSATIONS), q(AUDIT)
+        self._pg = dialect.name == "postgresql"
+
+    def schema(self) -> tuple[str, ...]:
+        """CREATE TABLE IF NOT EXISTS for the three tables."""
+        if self._pg:
+            return (
+                f"CREATE TABLE IF NOT EXISTS {self.decisions} ("
+                " gtrid varchar(64) PRIMARY KEY,"
+                " outcome varchar(16) NOT NULL"
+                "  CHECK (outcome IN ('pending', 'committed', 'rolled_back')),"
+                " deadline bigint NOT NULL,"
+                " branches text NOT NULL DEFAULT '[]',"
+                " reason varchar(64),"
+                " decided_at timestamptz NOT NULL DEFAULT now())",
+                f"CREATE TABLE IF NOT EXISTS {self.compensations} ("
+                " gtrid varchar(64) NOT NULL, seq int NOT NULL,"
+                " handler varchar(64) NOT NULL, payload text NOT NULL,"
+                " state varchar(16) NOT NULL DEFAULT 'pending',"
+                " attempts int NOT NULL DEFAULT 0, error text,"
+                " updated_at timestamptz NOT NULL DEFAULT now(),"
+                " PRIMARY KEY (gtrid, seq))",
+                f"CREATE TABLE IF NOT EXISTS {self.audit} ("
+                " id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(),"
+                " gtrid varchar(64) NOT NULL, event varchar(32) NOT NULL,"
+                " participant varchar(64), branch varchar(128), outcome varchar(32),"
+                " actor varchar(64), detail text)",
+                f"CREATE INDEX IF NOT EXISTS twophase_audit_gtrid ON {self.audit} (gtrid, id)",
+            )
+        name = "VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin"
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.decisions} ("
+            f" gtrid {name} NOT NULL PRIMARY KEY,"
+            " outcome VARCHAR(16) NOT NULL,"
+            " deadline BIGINT NOT NULL,"
+            " branches TEXT NOT NULL,"
+            " reason VARCHAR(64),"
+            " decided_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)"
+            ") ENGINE=InnoDB",
+            f"CREATE TABLE IF NOT EXISTS {self.compensations} ("
+            f" gtrid {name} NOT NULL, seq INT NOT NULL,"
+            " handler VARCHAR(64) NOT NULL, payload TEXT NOT NULL,"
+            " state VARCHAR(16) NOT NULL DEFAULT 'pending',"
+            " attempts INT NOT NULL DEFAULT 0, error TEXT,"
+            " updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),"
+            " PRIMARY KEY (gtrid, seq)) ENGINE=InnoDB",
+            f"CREATE TABLE IF NOT EXISTS {self.audit} ("
+            " id BIGINT AUTO_INCREMENT PRIMARY KEY,"
+            " at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),"
+            f" gtrid {name} NOT NULL, event VARCHAR(32) NOT NULL,"
+            " participant VARCHAR(64), branch VARCHAR(128), outcome VARCHAR(32),"
+            " actor VARCHAR(64), detail TEXT, KEY twophase_audit_gtrid (gtrid, id)"
+            ") ENGINE=InnoDB",
+        )
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def commit_inline(self, gtrid: str, deadline: int, branches: list[BranchRef]) -> str:
+        """The commit decision as literal SQL, to ride in the decision branch's COMMIT trip.
+
+        Literals are safe here: the global name passed the naming rule, the deadline is an
+        int, and the branch list is quoted by the dialect's literal quoting.
+        """
+        lit = self.dialect.literal
+        return (
+            f"INSERT INTO {self.decisions} (gtrid, outcome, deadline, branches) VALUES "
+            f"({lit(gtrid)}, 'committed', {int(deadline)}, {lit(encode_branches(branches))})"
+        )
+
+    def decide(
+        self,
+        gtrid: str,
+        outcome: str,
+        deadline: int,
+        branches: list[BranchRef],
+        reason: str | None = None,
+    ) -> Statement:
+        """Insert a decision; a duplicate-key error means another writer decided first."""
+        return (
+            f"INSERT INTO {self.decisions} (gtrid, outcome, deadline, branches, reason) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (gtrid, outcome, deadline, encode_branches(branches), reason),
+        )
+
+    def fence(self, gtrid: str, deadline: int, branches: list[BranchRef], reason: str) -> Statement:
+        """Insert a rolled-back decision unless one exists (rowcount 1 when this one won)."""
+        verb = "INSERT" if self._pg else "INSERT IGNORE"
+        tail = " ON CONFLICT DO NOTHING" if self._pg else ""
+        return (
+            f"{verb} INTO {self.decisions} (gtrid, outcome, deadline, branches, reason) "
+            f"VALUES (%s, 'rolled_back', %s, %s, %s){tail}",
+            (gtrid, deadline, encode_branches(branches), reason),
+        )
+
+    def settle_pending(self, gtrid: str, outcome: str, reason: str | None) -> Statement:
+        """Turn a pending row into a decision (rowcount 1 when this writer won)."""
+        now = "now()" if self._pg else "CURRENT_TIMESTAMP(6)"
+        return (
+            f"UPDATE {self.decisions} SET outcome = %s, reason = %s, decided_at = {now} "
+            "WHERE gtrid = %s AND outcome = 'pending'",
+            (outcome, reason, gtrid),
+        )
+
+    def lookup(self, gtrids: list[str], *, lock: bool = False) -> Statement:
+        """Decision rows of ``gtrids``; with ``lock``, those no other session holds."""
+        marks = ", ".join(["%s"] * len(gtrids))
+        tail = " FOR UPDATE SKIP LOCKED" if lock else ""
+        return (
+            f"SELECT gtrid, outcome, deadline, branches, reason FROM {self.decisions} "
+            f"WHERE gtrid IN ({marks}){tail}",
+            tuple(gtrids),
+        )
+
+    def expired_pending(self, now: int, limit: int) -> Statement:
+        """Pending rows past their deadline that no other session holds."""
+        return (
+            f"SELECT gtrid, outcome, deadline, branches, reason FROM {self.decisions} "
+            "WHERE outcome = 'pending' AND deadline < %s ORDER BY deadline LIMIT %s "
+            "FOR UPDATE SKIP LOCKED",
+            (now, limit),
+        )
+
+    # -- compensations -----------------------------------------------------------------
+
+    def add_compensation(self, gtrid: str, seq: int, handler: str, payload: Any) -> Statement:
+        """Record a compensation to run if the transaction ends rolled back."""
+        return (
+            f"INSERT INTO {self.compensations} (gtrid, seq, handler, payload) "
+            "VALUES (%s, %s, %s, %s)",
+            (gtrid, seq, handler, json.dumps(payload)),
+        )
+
+    def due_compensations(self, limit: int) -> Statement:
+        """Pending compensations of rolled-back transactions, claimed with SKIP LOCKED."""
+        return (
+            f"SELECT c.gtrid, c.seq, c.handler, c.payload, c.attempts "
+            f"FROM {self.compensations} c JOIN {self.decisions} d ON d.gtrid = c.gtrid "
+            "WHERE c.state = 'pending' AND d.outcome = 'rolled_back' "
+            "ORDER BY c.gtrid, c.seq LIMIT %s FOR UPDATE OF c SKIP LOCKED"
+            if self._pg
+            else f"SELECT c.gtrid, c.seq, c.handler, c.payload, c.attempts "
+            f"FROM {self.compensations} c JOIN {self.decisions} d ON d.gtrid = c.gtrid "
+            "WHERE c.state = 'pending' AND d.outcome = 'rolled_back' "
+            "ORDER BY c.gtrid, c.seq LIMIT %s FOR UPDATE SKIP LOCKED",
+            (limit,),
+        )
+
+    def finish_compensation(self, gtrid: str, seq: int, state: str, error: str | None) -> Statement:
+        """Mark a compensation done (or failed, counting the attempt)."""
+        now = "now()" if self._pg else "CURRENT_TIMESTAMP(6)"
+        return (
+            f"UPDATE {self.compensations} SET state = %s, error = %s, "
+            f"attempts = attempts + 1, updated_at = {now} WHERE gtrid = %s AND seq = %s",
+            (state, error, gtrid, seq),
+        )
+
+    def compensations_of(self, gtrid: str) -> Statement:
+        """Every compensation of one transaction."""
+        return (
+            f"SELECT seq, handler, payload, state, attempts, error FROM {self.compensations} "
+            "WHERE gtrid = %s ORDER BY seq",
+            (gtrid,),
+        )
+
+    # -- audit -------------------------------------------------------------------------
+
+    def record(
+        self,
+        gtrid: str,
+        event: str,
+        *,
+        participant: str | None = None,
+        branch: str | None = None,
+        outcome: str | None = None,
+        actor: str | None = None,
+        detail: str | None = None,
+    ) -> Statement:
+        """One audit event."""
+        return (
+            f"INSERT INTO {self.audit} (gtrid, event, participant, branch, outcome, actor, "
+            "detail) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (gtrid, event, participant, branch, outcome, actor, detail),
+        )
+
+    def history(self, gtrid: str) -> Statement:
+        """The audit events of one transaction, in order."""
+        return (
+            f"SELECT id, at, event, participant, branch, outcome, actor, detail "
+            f"FROM {self.audit} WHERE gtrid = %s ORDER BY id",
+            (gtrid,),
+        )
