@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -47,3 +47,26 @@ async def settle(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseEx
             return [exc]
     results = await asyncio.gather(*(c() for c in calls), return_exceptions=True)
     return list(results)
+
+
+def mysql_cursor_class() -> Any:
+    """aiomysql's cursor without its SHOW WARNINGS round trip after every noted statement.
+
+    aiomysql turns each server note into a Python warning (PyMySQL stopped doing so), so
+    ``INSERT IGNORE`` of a duplicate would warn on the async side only.
+    """
+    import aiomysql
+
+    class QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
+        async def _show_warnings(self, conn: Any) -> None:
+            return None
+
+    return QuietCursor
+
+
+async def close_mysql(raw: Any) -> None:
+    """Quit an aiomysql session politely; a dead one is just dropped."""
+    try:
+        await raw.ensure_closed()
+    except Exception:
+        raw.close()

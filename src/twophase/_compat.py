@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -59,3 +60,16 @@ def settle(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
         except Exception as exc:
             out.append(exc)
     return out
+
+
+def mysql_cursor_class() -> Any:
+    """PyMySQL's plain cursor (it reports no warnings)."""
+    import pymysql.cursors
+
+    return pymysql.cursors.Cursor
+
+
+def close_mysql(raw: Any) -> None:
+    """Quit a PyMySQL session (it sends COM_QUIT); a dead one is just dropped."""
+    with contextlib.suppress(Exception):
+        raw.close()

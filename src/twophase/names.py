@@ -46,6 +46,13 @@ def validate_namespace(namespace: str | None) -> str | None:
     """Check a namespace; it follows the naming rule and leaves room for a name."""
     if namespace is None:
         return None
+    if isinstance(namespace, str) and len(namespace.encode("utf-8", "surrogatepass")) > (
+        MAX_NAME_BYTES - 2
+    ):
+        raise InvalidTransactionName(
+            f"namespace {namespace[:80]!r} is too long: a namespace may have at most "
+            f"{MAX_NAME_BYTES - 2} bytes, to leave room for ':' and a name"
+        )
     validate_name(namespace, what="namespace")
     if len(namespace) > MAX_NAME_BYTES - 2:
         raise InvalidTransactionName(

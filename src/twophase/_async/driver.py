@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +16,8 @@ from ..errors import DatabaseError
 from ..sql import Rows
 
 Params = tuple[Any, ...] | list[Any] | dict[str, Any] | None
+
+_MYSQL_CURSOR: Any = None  # made on first use: the MySQL driver is an optional extra
 
 
 class AsyncConn:
@@ -67,14 +68,17 @@ class AsyncMyConn(AsyncConn):
     """A MariaDB/MySQL connection (aiomysql when async, PyMySQL when sync)."""
 
     def __init__(self, raw: Any) -> None:
+        global _MYSQL_CURSOR
         self.raw = raw
+        if _MYSQL_CURSOR is None:
+            _MYSQL_CURSOR = _acompat.mysql_cursor_class()
 
     async def run(self, sql: str, params: Params = None) -> Rows:
         """Execute through a cursor and build dict rows from the description."""
         import aiomysql
 
         try:
-            async with self.raw.cursor() as cur:
+            async with self.raw.cursor(_MYSQL_CURSOR) as cur:
                 await cur.execute(sql, params)
                 desc = cur.description
                 fetched = await cur.fetchall() if desc else ()
@@ -91,11 +95,10 @@ class AsyncMyConn(AsyncConn):
                 self.broken = True
             raise
 
-    def close(self) -> None:
-        """Drop the session; a prepared XA branch it held stays prepared on the server."""
-        # Closing a connection whose socket is already gone may fail; it is gone anyway.
-        with contextlib.suppress(Exception):
-            self.raw.close()
+    async def close(self) -> None:
+        """End the session (COM_QUIT, awaited), so a prepared XA branch it held is free
+        for other sessions to finish by the time this returns."""
+        await _acompat.close_mysql(self.raw)
 
 
 class AsyncPool:
@@ -216,7 +219,7 @@ class AsyncMyPool(AsyncPool):
         finally:
             if conn is not None:
                 if conn.broken or conn.discarded or self._closed:
-                    conn.close()
+                    await conn.close()
                 else:
                     self._idle.append(conn)
             self._slots.release()
@@ -224,7 +227,7 @@ class AsyncMyPool(AsyncPool):
     async def reset_idle(self) -> None:
         """Close every idle connection."""
         while self._idle:
-            self._idle.pop().close()
+            await self._idle.pop().close()
 
     async def close(self) -> None:
         """Close idle connections; lent ones close when returned."""

@@ -137,46 +137,66 @@ class Staged:
         self.prepared = False
 
     def prepare(self) -> None:
-        """Prepare the transaction and hand its connection back; on failure roll it back."""
+        """Prepare the transaction and hand its connection back; on failure roll it back.
+
+        Follow-up work after a failure (asking the server, writing the tombstone) happens
+        once the connection is back in the pool, so it works even with ``pool_max=1``.
+        """
         db, conn, name = self._db, self._conn, self.name
         dialect = db.dialect
         self.tx._close()
+        failure: Exception | None = None
+        kind: ErrorKind | None = None
+        recorded = True
         with self._stack:
             if conn.in_failed_transaction():
                 # PostgreSQL would answer PREPARE with a silent rollback here.
-                db._abandon(conn, name)
-                raise DatabaseError(
+                recorded = db._abandon(conn, name)
+                failure = DatabaseError(
                     f"a statement inside {str(name)!r} failed and the error was caught, so "
                     "the database aborted the transaction; it was rolled back, not prepared"
                 )
-            try:
-                for stmt in dialect.prepare(name):
-                    conn.run(stmt)
-            except Exception as exc:
-                kind = dialect.classify(exc)
-                # The server may have prepared it before the link broke: ask it.
-                if kind is ErrorKind.CONNECTION and db._prepared_despite_loss(name):
-                    log.debug("prepared %s (confirmed after a lost connection)", name)
+            else:
+                try:
+                    for stmt in dialect.prepare(name):
+                        conn.run(stmt)
+                except Exception as exc:
+                    failure, kind = exc, dialect.classify(exc)
+                    if kind is not ErrorKind.CONNECTION:
+                        recorded = db._abandon(conn, name)
+                else:
                     self.prepared = True
-                    return
-                db._abandon(conn, name)
-                if kind is ErrorKind.UNSUPPORTED:
-                    raise NotSupported(
-                        f"{str(name)!r} could not be prepared: {exc}. Temporary tables, "
-                        "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
-                        "transaction; move them out of the distributed transaction"
-                    ) from exc
-                db._raise(exc, f"could not prepare {str(name)!r}; it was rolled back")
-            self.prepared = True
-            if dialect.prepare_detaches_session:
-                conn.discard()
+                    if dialect.prepare_detaches_session:
+                        conn.discard()
+        if failure is None:
             log.debug("prepared %s", name)
+            return
+        if kind is ErrorKind.CONNECTION:
+            # The server may have prepared it before the link broke: ask it.
+            if db._prepared_despite_loss(name):
+                log.debug("prepared %s (confirmed after a lost connection)", name)
+                self.prepared = True
+                return
+            recorded = False  # the server rolls it back with the lost session
+        if not recorded:
+            db._record_rollback_quietly(name)
+        if isinstance(failure, TwoPhaseError):
+            raise failure
+        if kind is ErrorKind.UNSUPPORTED:
+            raise NotSupported(
+                f"{str(name)!r} could not be prepared: {failure}. Temporary tables, "
+                "LISTEN/NOTIFY and WITH HOLD cursors cannot be part of a prepared "
+                "transaction; move them out of the distributed transaction"
+            ) from failure
+        db._raise(failure, f"could not prepare {str(name)!r}; it was rolled back")
 
     def abandon(self) -> None:
         """Roll the transaction back (best effort) and hand its connection back."""
         self.tx._close()
         with self._stack:
-            self._db._abandon(self._conn, self.name)
+            recorded = self._db._abandon(self._conn, self.name)
+        if not recorded:
+            self._db._record_rollback_quietly(self.name)
 
 
 class Database(QueryMethods[Rows, Row | None]):
@@ -389,9 +409,20 @@ class Database(QueryMethods[Rows, Row | None]):
             ) from again
         return status is Status.PREPARED
 
-    def _abandon(self, conn: Conn, name: TxName) -> None:
-        """Roll back a claimed, unprepared transaction and leave a tombstone for retries."""
-        self._quietly(conn, self.dialect.abort(name), tpc_error=True)
+    def _abandon(self, conn: Conn, name: TxName) -> bool:
+        """Roll back a claimed, unprepared transaction, then record the rollback on the same
+        connection; False if the record could not be written there (the caller then writes
+        it on a fresh connection once this one is back in the pool)."""
+        if not self._quietly(conn, self.dialect.abort(name), tpc_error=True):
+            return False
+        try:
+            self._tombstone(conn, name)
+        except Exception:
+            conn.discard()
+            return False
+        return True
+
+    def _record_rollback_quietly(self, name: TxName) -> None:
         try:
             self._on_fresh_connection(self._tombstone, name)
         except Exception:
@@ -589,18 +620,19 @@ class Database(QueryMethods[Rows, Row | None]):
         except Exception as exc:
             self._raise(exc, what)
 
-    def _quietly(self, conn: Conn, stmts: tuple[str, ...], *, tpc_error: bool = False) -> None:
-        """Best-effort rollback; a connection that fails it is dropped (the server then
-        rolls back whatever was not prepared)."""
+    def _quietly(self, conn: Conn, stmts: tuple[str, ...], *, tpc_error: bool = False) -> bool:
+        """Best-effort rollback; False (and the connection dropped, so the server rolls back
+        whatever was not prepared) when it failed."""
         try:
             for stmt in stmts:
                 conn.run(stmt)
         except Exception:
             log.debug("rollback failed; dropping the connection", exc_info=True)
             conn.discard()
-        else:
-            if tpc_error and self.dialect.discard_after_tpc_error:
-                conn.discard()
+            return False
+        if tpc_error and self.dialect.discard_after_tpc_error:
+            conn.discard()
+        return True
 
     def _tombstone(self, conn: Conn, name: TxName) -> None:
         conn.run(*self.dialect.record_rollback(name))

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +18,8 @@ from ..errors import DatabaseError
 from ..sql import Rows
 
 Params = tuple[Any, ...] | list[Any] | dict[str, Any] | None
+
+_MYSQL_CURSOR: Any = None  # made on first use: the MySQL driver is an optional extra
 
 
 class Conn:
@@ -69,14 +70,17 @@ class MyConn(Conn):
     """A MariaDB/MySQL connection (pymysql when async, PyMySQL when sync)."""
 
     def __init__(self, raw: Any) -> None:
+        global _MYSQL_CURSOR
         self.raw = raw
+        if _MYSQL_CURSOR is None:
+            _MYSQL_CURSOR = _compat.mysql_cursor_class()
 
     def run(self, sql: str, params: Params = None) -> Rows:
         """Execute through a cursor and build dict rows from the description."""
         import pymysql
 
         try:
-            with self.raw.cursor() as cur:
+            with self.raw.cursor(_MYSQL_CURSOR) as cur:
                 cur.execute(sql, params)
                 desc = cur.description
                 fetched = cur.fetchall() if desc else ()
@@ -94,10 +98,9 @@ class MyConn(Conn):
             raise
 
     def close(self) -> None:
-        """Drop the session; a prepared XA branch it held stays prepared on the server."""
-        # Closing a connection whose socket is already gone may fail; it is gone anyway.
-        with contextlib.suppress(Exception):
-            self.raw.close()
+        """End the session (COM_QUIT, awaited), so a prepared XA branch it held is free
+        for other sessions to finish by the time this returns."""
+        _compat.close_mysql(self.raw)
 
 
 class Pool:
