@@ -44,26 +44,38 @@ async def adb(url: str) -> AsyncIterator[twophase.AsyncDatabase]:
     await database.close()
 
 
-@pytest.fixture
-def txname() -> str:
-    """A transaction name no other test (or earlier run) uses."""
-    return f"t_{uuid.uuid4().hex[:16]}"
+_NAMES = pytest.StashKey[list[str]]()
+
+
+def _names_of(request: pytest.FixtureRequest) -> list[str]:
+    return request.node.stash.setdefault(_NAMES, [])
 
 
 @pytest.fixture
-def table(url: str) -> Iterator[str]:
+def txname(request: pytest.FixtureRequest) -> str:
+    """A transaction name no other test (or earlier run) uses; rolled back if left prepared."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    _names_of(request).append(name)
+    return name
+
+
+@pytest.fixture
+def table(url: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh `(id int primary key, status varchar(32))` table, dropped afterwards."""
     name = f"tp_test_{uuid.uuid4().hex[:10]}"
     with twophase.connect(url, pool_max=2) as admin:
         admin.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, status varchar(32))")
         yield name
-        _rollback_leftovers(admin)
-        admin.execute(f"DROP TABLE IF EXISTS {name}")
-
-
-def _rollback_leftovers(database: twophase.Database) -> None:
-    # A failing test may leave a transaction prepared; it would hold locks on the table.
-    for p in database.prepared():
-        if p.full_name.startswith("t_"):
+        # Only this test's own names: other tests' transactions are none of our business.
+        for leftover in _names_of(request):
             with contextlib.suppress(twophase.TwoPhaseError):
-                database.rollback_distributed(p.full_name)
+                if admin.status(leftover) is twophase.Status.PREPARED:
+                    admin.rollback_distributed(leftover)
+        # A transaction prepared by hand and left behind would hold a lock on the table;
+        # time out (and leave the table) rather than hang the suite.
+        with contextlib.suppress(twophase.TwoPhaseError), admin.transaction() as tx:
+            if admin.dialect.name == "postgresql":
+                tx.execute("SET LOCAL lock_timeout = '10s'")
+                tx.execute(f"DROP TABLE IF EXISTS {name}")
+            else:
+                tx.execute(f"SET STATEMENT lock_wait_timeout = 10 FOR DROP TABLE IF EXISTS {name}")

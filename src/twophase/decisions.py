@@ -277,6 +277,15 @@ class DecisionLog:
             (gtrid, event, participant, branch, outcome, actor, detail),
         )
 
+    def record_many(self, events: list[tuple[str, str, str, str, str]]) -> Statement:
+        """Several audit events in one statement: (gtrid, event, participant, branch, actor)."""
+        marks = ", ".join(["(%s, %s, %s, %s, %s)"] * len(events))
+        return (
+            f"INSERT INTO {self.audit} (gtrid, event, participant, branch, actor) "
+            f"VALUES {marks}",
+            tuple(v for e in events for v in e),
+        )
+
     def history(self, gtrid: str) -> Statement:
         """The audit events of one transaction, in order."""
         return (

@@ -584,6 +584,7 @@ class AsyncCoordinator:
             await self._participant(p.participant)._finish(action, p.name)
 
         work = [(Action.COMMIT, p) for p in commits] + [(Action.ROLLBACK, p) for _, p in rollbacks]
+        done: list[tuple[str, str, str, str, str]] = []
         for start in range(0, len(work), self.concurrency):
             chunk = work[start : start + self.concurrency]
             results = await _acompat.settle([_bind2(finish, a, p) for a, p in chunk])
@@ -593,10 +594,15 @@ class AsyncCoordinator:
                         continue  # finished by someone else between listing and now
                     report.in_doubt += 1
                     report.errors.append(f"{action.value} {p.name} on {p.participant}: {r}")
-                elif action is Action.COMMIT:
+                    continue
+                if action is Action.COMMIT:
                     report.committed += 1
                 else:
                     report.rolled_back += 1
+                event = f"recover_{action.value}"
+                done.append((p.name.full, event, p.participant, str(p.name), "recover"))
+        for start in range(0, len(done), 500):
+            await self._audit_many(done[start : start + 500])
 
     async def _recover_pending(self, report: RecoveryReport, dry_run: bool, batch: int) -> None:
         """Expected branches of coordinators that died before deciding, past the deadline."""
@@ -709,6 +715,12 @@ class AsyncCoordinator:
     async def _log_run(self, stmt: tuple[str, Any]) -> Any:
         db = self._log_db
         return await db._autocommit(stmt[0], stmt[1])
+
+    async def _audit_many(self, events: list[tuple[str, str, str, str, str]]) -> None:
+        try:
+            await self._log_run(self._log.record_many(events))
+        except TwoPhaseError:
+            log.warning("could not record %d recovery events", len(events), exc_info=True)
 
     async def _audit(self, gtrid: str, event: str, **kw: Any) -> None:
         try:
