@@ -90,3 +90,34 @@ def test_docs_render_the_finish_table() -> None:
                 assert re.search(rf"`{expected.__name__}`", answer), (call, status, answer)
             seen.add((action, names[status]))
     assert seen == set(FINISH)
+
+
+def test_docs_render_the_recovery_table() -> None:
+    from twophase.protocol import RECOVERY, Decision, Recovery
+
+    text = (DOC.parent / "coordinator.md").read_text()
+    block = text[text.index("| decision in the log") :]
+    names = {
+        "committed": Decision.COMMITTED,
+        "rolled back": Decision.ROLLED_BACK,
+        "pending (expected branches)": Decision.PENDING,
+        "pending": Decision.PENDING,
+        "none": Decision.NONE,
+    }
+    seen = set()
+    for line in block.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        decision, expired, action = (c.strip() for c in line.strip("|").split("|"))
+        for flag in ([True, False] if expired == "any" else [expired == "yes"]):
+            expected = RECOVERY[(names[decision], flag)]
+            if expected is Recovery.WAIT:
+                assert action.startswith("wait"), line
+            elif expected is Recovery.COMMIT:
+                assert action.startswith("commit"), line
+            elif expected is Recovery.ROLLBACK:
+                assert action.startswith("roll the branch back"), line
+            else:
+                assert "roll" in action and ("fence" in action or "settle" in action), line
+            seen.add((names[decision], flag))
+    assert seen == set(RECOVERY)
