@@ -73,9 +73,11 @@ def table(url: str, request: pytest.FixtureRequest) -> Iterator[str]:
                     admin.rollback_distributed(leftover)
         # A transaction prepared by hand and left behind would hold a lock on the table;
         # time out (and leave the table) rather than hang the suite.
-        with contextlib.suppress(twophase.TwoPhaseError), admin.transaction() as tx:
+        with contextlib.suppress(twophase.TwoPhaseError):
             if admin.dialect.name == "postgresql":
-                tx.execute("SET LOCAL lock_timeout = '10s'")
-                tx.execute(f"DROP TABLE IF EXISTS {name}")
+                with admin.transaction() as tx:
+                    tx.execute("SET LOCAL lock_timeout = '10s'")
+                    tx.execute(f"DROP TABLE IF EXISTS {name}")
             else:
-                tx.execute(f"SET STATEMENT lock_wait_timeout = 10 FOR DROP TABLE IF EXISTS {name}")
+                timeout = "SET STATEMENT lock_wait_timeout = 10 FOR"
+                admin.execute(f"{timeout} DROP TABLE IF EXISTS {name}")

@@ -202,7 +202,8 @@ class AsyncStaged:
 class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
     """One database (PostgreSQL or MariaDB/MySQL) and its pool of connections.
 
-    Made by :func:`twophase.connect_async`; use it as ``async with`` or call ``close()``.
+    Made by :func:`twophase.connect_async`; close it with ``close()``, or use it as a
+    context manager.
     """
 
     def __init__(
@@ -263,7 +264,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
             self._raise(exc, "the statement failed")
 
     def _refuse_control(self, sql: str, *, inside: AsyncTransaction | None) -> None:
-        stmt = control_statement(self.dialect, sql)
+        stmt = control_statement(self.dialect, sql, in_transaction=inside is not None)
         if stmt is None:
             return
         if inside is not None:
@@ -666,8 +667,9 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
 
 
 def _code(exc: Exception) -> str | None:
-    state = getattr(exc, "sqlstate", None)
-    if isinstance(state, str):
-        return state
+    # MariaDB's error number says more than its SQLSTATE class (23000 for every constraint).
     args = getattr(exc, "args", ())
-    return str(args[0]) if args and isinstance(args[0], int) else None
+    if args and isinstance(args[0], int):
+        return str(args[0])
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -81,7 +82,7 @@ class MyConn(Conn):
 
         try:
             with self.raw.cursor(_MYSQL_CURSOR) as cur:
-                cur.execute(sql, params)
+                cur.execute(sql, _utc_params(params))
                 desc = cur.description
                 fetched = cur.fetchall() if desc else ()
                 cols = [d[0] for d in desc] if desc else []
@@ -101,6 +102,21 @@ class MyConn(Conn):
         """End the session (COM_QUIT, awaited), so a prepared XA branch it held is free
         for other sessions to finish by the time this returns."""
         _compat.close_mysql(self.raw)
+
+
+def _utc_params(params: Params) -> Params:
+    """Aware datetimes as naive UTC: the MySQL drivers drop tzinfo, and sessions run in UTC."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, datetime) and v.tzinfo is not None:
+            return v.astimezone(UTC).replace(tzinfo=None)
+        return v
+
+    if isinstance(params, dict):
+        return {k: conv(v) for k, v in params.items()}
+    if isinstance(params, tuple | list):
+        return tuple(conv(v) for v in params)
+    return params
 
 
 class Pool:

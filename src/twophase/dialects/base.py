@@ -149,8 +149,17 @@ _CONTROL = {
 _CONTROL_PAIRS = {("SET", "TRANSACTION"), ("SET", "SESSION"), ("SET", "AUTOCOMMIT")}
 
 
-def control_statement(dialect: Dialect, sql: str) -> str | None:
-    """The first transaction-control statement in ``sql``, or None if there is none."""
+# MariaDB/MySQL commit the open transaction before (and after) these statements, which
+# would silently end a transaction twophase manages.
+# https://mariadb.com/kb/en/sql-statements-that-cause-an-implicit-commit/
+_MYSQL_IMPLICIT_COMMIT = {
+    "ALTER", "CREATE", "DROP", "RENAME", "TRUNCATE", "GRANT", "REVOKE", "ANALYZE",
+    "OPTIMIZE", "REPAIR", "FLUSH", "INSTALL", "UNINSTALL", "CACHE", "LOAD",
+}  # fmt: skip
+
+
+def control_statement(dialect: Dialect, sql: str, *, in_transaction: bool = False) -> str | None:
+    """The first statement in ``sql`` that would end or escape a managed transaction."""
     for words in _statements(dialect, sql):
         if not words:
             continue
@@ -161,6 +170,14 @@ def control_statement(dialect: Dialect, sql: str) -> str | None:
             return " ".join(words[:2])
         if tuple(words[:2]) in _CONTROL_PAIRS:
             return " ".join(words[:2])
+        if (
+            in_transaction
+            and dialect.name == "mysql"
+            and words[0] in _MYSQL_IMPLICIT_COMMIT
+            and words[1:2] != ["TEMPORARY"]
+            and not (words[0] == "LOAD" and words[1:2] == ["DATA"])
+        ):
+            return " ".join(words[:2]) + " (it commits implicitly on MariaDB/MySQL)"
     return None
 
 
