@@ -10,6 +10,7 @@ from .decisions import RecoveryReport
 from .errors import (
     DatabaseError,
     DeadlineExceeded,
+    IdempotencyConflict,
     InDoubt,
     IntegrityError,
     InvalidQuery,
@@ -24,6 +25,7 @@ from .errors import (
     TwoPhaseError,
     UnknownTransaction,
 )
+from .idempotency import fingerprint
 from .protocol import Decision, PreparedTransaction, Status
 from .sql import Rows
 
@@ -40,6 +42,7 @@ __all__ = [
     "DeadlineExceeded",
     "Decision",
     "GlobalTransaction",
+    "IdempotencyConflict",
     "InDoubt",
     "IntegrityError",
     "InvalidQuery",
@@ -61,4 +64,5 @@ __all__ = [
     "__version__",
     "connect",
     "connect_async",
+    "fingerprint",
 ]

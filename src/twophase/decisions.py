@@ -281,8 +281,7 @@ class DecisionLog:
         """Several audit events in one statement: (gtrid, event, participant, branch, actor)."""
         marks = ", ".join(["(%s, %s, %s, %s, %s)"] * len(events))
         return (
-            f"INSERT INTO {self.audit} (gtrid, event, participant, branch, actor) "
-            f"VALUES {marks}",
+            f"INSERT INTO {self.audit} (gtrid, event, participant, branch, actor) VALUES {marks}",
             tuple(v for e in events for v in e),
         )
 

@@ -15,6 +15,7 @@
      +-- NestedTransactionError      begin/savepoint/transaction inside a distributed one
      +-- PermissionDenied            a policy refused the action
      +-- InDoubt                     a commit decision exists, a participant is unreachable
+ +-- IdempotencyConflict         an idempotency key was reused for a different request
      +-- DatabaseError               any other driver error, original chained as __cause__
           +-- IntegrityError         a constraint (unique, foreign key, check) was violated
 
@@ -85,6 +86,10 @@ class InDoubt(TwoPhaseError):
     """A commit decision is durable but a participant could not be reached yet."""
 
 
+class IdempotencyConflict(TwoPhaseError):
+    """An idempotency key was reused with a different request fingerprint."""
+
+
 class DatabaseError(TwoPhaseError):
     """A driver error with no more specific meaning; the original is the ``__cause__``."""
 
@@ -96,6 +101,7 @@ class IntegrityError(DatabaseError):
 __all__ = [
     "DatabaseError",
     "DeadlineExceeded",
+    "IdempotencyConflict",
     "InDoubt",
     "IntegrityError",
     "InvalidQuery",

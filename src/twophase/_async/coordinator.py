@@ -708,8 +708,8 @@ class AsyncCoordinator:
     async def _ensure_log(self) -> None:
         if self._log_ready:
             return
-        for stmt in self._log.schema():
-            await self._log_run((stmt, None))
+        db = self._log_db
+        await db._on_fresh_connection(db._create_schema, self._log.schema())
         self._log_ready = True
 
     async def _log_run(self, stmt: tuple[str, Any]) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, NoReturn, TypeVar
@@ -22,10 +21,12 @@ from ..errors import (
     TransactionNameInUse,
     TwoPhaseError,
 )
+from ..idempotency import RetrySQL
 from ..names import TxName, validate_namespace
 from ..protocol import Action, Answer, PreparedTransaction, Status, finish_answer, status_of
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
 from .driver import AsyncConn, AsyncPool, Params
+from .retry import DEFAULT_TTL, AsyncTransactionRetry
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -52,7 +53,7 @@ class _AsyncRunner:
         return rows[0] if rows else None
 
 
-class AsyncTransaction(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
+class AsyncTransaction(QueryMethods[Awaitable[Rows], Awaitable[Row | None]], AsyncTransactionRetry):
     """An open transaction: ordinary, or distributed when ``name`` is set.
 
     It has the whole query builder and ``execute``; statements that would end or nest the
@@ -85,6 +86,12 @@ class AsyncTransaction(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
 
     def _runner(self) -> _AsyncRunner:
         return _AsyncRunner(self._db.dialect.sql, self._run)
+
+    async def _tx_run(self, sql: str, params: Any) -> Rows:
+        return await self._run(sql, params)
+
+    def _as_tx(self) -> AsyncTransaction:
+        return self
 
     async def _run(self, sql: str, params: Params, raw: bool = False) -> Rows:
         if not self._open:
@@ -224,6 +231,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         self._retry_timeout = retry_timeout
         self._schema_ready = False
         self._prepared_ok = False
+        self._retry_sql = RetrySQL(dialect)
+        self._retry_ready = False
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -560,6 +569,47 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
             key=PreparedTransaction.sort_key,
         )
 
+    # -- retry safety -----------------------------------------------------------------
+
+    async def idempotent(
+        self,
+        key: str,
+        fingerprint: str,
+        fn: Callable[[AsyncTransaction], Awaitable[T]],
+        *,
+        ttl: float = DEFAULT_TTL,
+    ) -> Any:
+        """``tx.idempotent`` in a transaction of its own (see AsyncTransaction.idempotent)."""
+        await self._ensure_retry_tables()
+        async with self.transaction() as tx:
+            return await tx.idempotent(key, fingerprint, fn, ttl=ttl)
+
+    async def prune_idempotency_keys(self, *, batch: int = 10_000) -> int:
+        """Delete expired idempotency keys, in batches; how many were deleted."""
+        await self._ensure_retry_tables()
+        total = 0
+        while True:
+            rows = await self._autocommit(*self._retry_sql.prune(batch))
+            total += rows.rowcount
+            if rows.rowcount < batch:
+                return total
+
+    async def _ensure_retry_tables(self) -> None:
+        # On a connection of its own: DDL inside the caller's transaction would commit it
+        # implicitly on MariaDB.
+        if not self._retry_ready:
+            await self._on_fresh_connection(self._create_schema, self._retry_sql.schema())
+            self._retry_ready = True
+
+    async def _create_schema(self, conn: AsyncConn, stmts: tuple[str, ...]) -> None:
+        """Create twophase's tables if missing, one creator at a time across processes."""
+        try:
+            for sql in self.dialect.serialized_ddl(stmts):
+                await conn.run(sql)
+        except Exception:
+            await self._quietly(conn, (self.dialect.rollback(),))
+            raise
+
     # -- plumbing ---------------------------------------------------------------------
 
     def _refuse_nesting(self, what: str) -> None:
@@ -586,16 +636,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                     )
             self._prepared_ok = True
         if not self._schema_ready:
-            for stmt in self.dialect.schema():
-                # aiomysql turns MariaDB's "table already exists" note into a warning.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        await conn.run(stmt)
-                    except Exception:
-                        # Two sessions creating the table at once: the loser's catalog
-                        # insert collides; the table exists, so a second try is a no-op.
-                        await conn.run(stmt)
+            await self._create_schema(conn, self.dialect.schema())
             self._schema_ready = True
 
     async def _on_fresh_connection(self, op: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -704,8 +704,8 @@ class Coordinator:
     def _ensure_log(self) -> None:
         if self._log_ready:
             return
-        for stmt in self._log.schema():
-            self._log_run((stmt, None))
+        db = self._log_db
+        db._on_fresh_connection(db._create_schema, self._log.schema())
         self._log_ready = True
 
     def _log_run(self, stmt: tuple[str, Any]) -> Any:

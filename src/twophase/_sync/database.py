@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, NoReturn, TypeVar
@@ -24,10 +23,12 @@ from ..errors import (
     TransactionNameInUse,
     TwoPhaseError,
 )
+from ..idempotency import RetrySQL
 from ..names import TxName, validate_namespace
 from ..protocol import Action, Answer, PreparedTransaction, Status, finish_answer, status_of
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
 from .driver import Conn, Params, Pool
+from .retry import DEFAULT_TTL, TransactionRetry
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -54,7 +55,7 @@ class _Runner:
         return rows[0] if rows else None
 
 
-class Transaction(QueryMethods[Rows, Row | None]):
+class Transaction(QueryMethods[Rows, Row | None], TransactionRetry):
     """An open transaction: ordinary, or distributed when ``name`` is set.
 
     It has the whole query builder and ``execute``; statements that would end or nest the
@@ -87,6 +88,12 @@ class Transaction(QueryMethods[Rows, Row | None]):
 
     def _runner(self) -> _Runner:
         return _Runner(self._db.dialect.sql, self._run)
+
+    def _tx_run(self, sql: str, params: Any) -> Rows:
+        return self._run(sql, params)
+
+    def _as_tx(self) -> Transaction:
+        return self
 
     def _run(self, sql: str, params: Params, raw: bool = False) -> Rows:
         if not self._open:
@@ -224,6 +231,8 @@ class Database(QueryMethods[Rows, Row | None]):
         self._retry_timeout = retry_timeout
         self._schema_ready = False
         self._prepared_ok = False
+        self._retry_sql = RetrySQL(dialect)
+        self._retry_ready = False
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -558,6 +567,47 @@ class Database(QueryMethods[Rows, Row | None]):
             key=PreparedTransaction.sort_key,
         )
 
+    # -- retry safety -----------------------------------------------------------------
+
+    def idempotent(
+        self,
+        key: str,
+        fingerprint: str,
+        fn: Callable[[Transaction], T],
+        *,
+        ttl: float = DEFAULT_TTL,
+    ) -> Any:
+        """``tx.idempotent`` in a transaction of its own (see Transaction.idempotent)."""
+        self._ensure_retry_tables()
+        with self.transaction() as tx:
+            return tx.idempotent(key, fingerprint, fn, ttl=ttl)
+
+    def prune_idempotency_keys(self, *, batch: int = 10_000) -> int:
+        """Delete expired idempotency keys, in batches; how many were deleted."""
+        self._ensure_retry_tables()
+        total = 0
+        while True:
+            rows = self._autocommit(*self._retry_sql.prune(batch))
+            total += rows.rowcount
+            if rows.rowcount < batch:
+                return total
+
+    def _ensure_retry_tables(self) -> None:
+        # On a connection of its own: DDL inside the caller's transaction would commit it
+        # implicitly on MariaDB.
+        if not self._retry_ready:
+            self._on_fresh_connection(self._create_schema, self._retry_sql.schema())
+            self._retry_ready = True
+
+    def _create_schema(self, conn: Conn, stmts: tuple[str, ...]) -> None:
+        """Create twophase's tables if missing, one creator at a time across processes."""
+        try:
+            for sql in self.dialect.serialized_ddl(stmts):
+                conn.run(sql)
+        except Exception:
+            self._quietly(conn, (self.dialect.rollback(),))
+            raise
+
     # -- plumbing ---------------------------------------------------------------------
 
     def _refuse_nesting(self, what: str) -> None:
@@ -584,16 +634,7 @@ class Database(QueryMethods[Rows, Row | None]):
                     )
             self._prepared_ok = True
         if not self._schema_ready:
-            for stmt in self.dialect.schema():
-                # pymysql turns MariaDB's "table already exists" note into a warning.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        conn.run(stmt)
-                    except Exception:
-                        # Two sessions creating the table at once: the loser's catalog
-                        # insert collides; the table exists, so a second try is a no-op.
-                        conn.run(stmt)
+            self._create_schema(conn, self.dialect.schema())
             self._schema_ready = True
 
     def _on_fresh_connection(self, op: Callable[..., T], *args: Any) -> T:

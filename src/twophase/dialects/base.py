@@ -64,6 +64,11 @@ class Dialect(ABC):
     def schema(self) -> tuple[str, ...]:
         """Statements that create the outcome table if it is missing."""
 
+    def serialized_ddl(self, stmts: tuple[str, ...]) -> tuple[str, ...]:
+        """``stmts`` arranged so concurrent creators do not collide (default: as they are;
+        MariaDB serializes DDL on metadata locks)."""
+        return stmts
+
     def settings_check(self) -> str | None:
         """A query whose single value must be > 0 for prepared transactions to work."""
         return None

@@ -16,6 +16,9 @@ from .base import OUTCOME_TABLE, Dialect, ErrorKind, PreparedRow, Statement, spl
 # once. A prepared holder keeps the lock indefinitely, so waiting longer would only hang.
 CLAIM_LOCK_TIMEOUT = "200ms"
 
+# Advisory lock key for twophase's DDL ("tp" in ASCII, like the XA formatID).
+_DDL_LOCK = 0x7470
+
 _CONNECTION_STATES = {"57P01", "57P02", "57P03"}  # admin/crash shutdown, cannot connect now
 
 
@@ -37,6 +40,12 @@ class PostgresDialect(Dialect):
             " recorded_at timestamptz NOT NULL DEFAULT now(),"
             " PRIMARY KEY (name, outcome))",
         )
+
+    def serialized_ddl(self, stmts: tuple[str, ...]) -> tuple[str, ...]:
+        """One transaction under an advisory lock: concurrent ``CREATE TABLE IF NOT EXISTS``
+        can fail on PostgreSQL's catalog unique indexes instead of waiting."""
+        body = "; ".join(stmts)
+        return (f"BEGIN; SELECT pg_advisory_xact_lock({_DDL_LOCK}); {body}; COMMIT",)
 
     def settings_check(self) -> str:
         """``max_prepared_transactions`` must be above zero."""
