@@ -51,7 +51,8 @@ def validate_namespace(namespace: str | None) -> str | None:
     ):
         raise InvalidTransactionName(
             f"namespace {namespace[:80]!r} is too long: a namespace may have at most "
-            f"{MAX_NAME_BYTES - 2} bytes, to leave room for ':' and a name"
+            f"{MAX_NAME_BYTES - 2} bytes, to leave room for ':' and a name; use a shorter "
+            "namespace"
         )
     validate_name(namespace, what="namespace")
     if len(namespace) > MAX_NAME_BYTES - 2:
