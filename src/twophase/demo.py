@@ -37,6 +37,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.rule import Rule
 from rich.table import Table
 
 from ._sync.connect import connect
@@ -193,9 +194,10 @@ class _Demo:
     # -- output and checks ----------------------------------------------------------------
 
     def header(self, number: int, title: str, what: str) -> None:
+        width = min(self.console.width, _MAX_WIDTH)
         self.console.print()
-        self.console.rule(f"[bold]{number}. {title}", align="left")
-        self.console.print(f"[dim]{escape(what)}", width=min(self.console.width, _MAX_WIDTH))
+        self.console.print(Rule(f"[bold]{number}. {title}", align="left"), width=width)
+        self.console.print(f"[dim]{escape(what)}", width=width)
         self.step("", "what happened", "what the database now says", style="dim italic")
 
     def step(self, label: str, happened: str, says: str, *, style: str | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
@@ -23,6 +23,7 @@ from ..errors import (
 )
 from ..idempotency import RetrySQL
 from ..names import TxName, validate_namespace
+from ..outbox import OutboxSQL, check_topic, encode_payload
 from ..protocol import Action, Answer, PreparedTransaction, Status, finish_answer, status_of
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
 from .driver import AsyncConn, AsyncPool, Params
@@ -76,6 +77,11 @@ class AsyncTransaction(QueryMethods[Awaitable[Rows], Awaitable[Row | None]], Asy
         return self._name.full[len(ns) + 1 :] if ns else self._name.full
 
     @property
+    def outbox(self) -> AsyncOutbox:
+        """Publish messages that exist exactly when this transaction commits."""
+        return AsyncOutbox(self)
+
+    @property
     def is_distributed(self) -> bool:
         """Whether this transaction will be prepared rather than committed."""
         return self._name is not None
@@ -127,6 +133,40 @@ class AsyncTransaction(QueryMethods[Awaitable[Rows], Awaitable[Row | None]], Asy
     def savepoint(self, name: str | None = None) -> NoReturn:
         """Refused: a prepared transaction cannot hold savepoints across a crash."""
         self._nested("savepoint()")
+
+
+class AsyncOutbox:
+    """The outbox of one transaction (``tx.outbox``)."""
+
+    def __init__(self, tx: AsyncTransaction) -> None:
+        self._tx = tx
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Write a message in this transaction; its stable id (for de-duplication).
+
+        ``payload``: bytes, str (UTF-8) or anything JSON-serializable. Messages with the
+        same ``key`` are delivered in the order their transactions committed; see
+        ``twophase.outbox`` for the precise guarantee.
+        """
+        check_topic(topic)
+        if key is not None and (not isinstance(key, str) or len(key) > 255):
+            raise InvalidQuery(
+                f"outbox key must be a str of at most 255 characters, got {key!r:.80}"
+            )
+        hdrs = {str(k): str(v) for k, v in (headers or {}).items()}
+        body = encode_payload(payload, hdrs)
+        db = self._tx._db
+        await db._ensure_tables("outbox", db._outbox_sql.schema())
+        msg_id, stmt = db._outbox_sql.publish(topic, body, key, hdrs)
+        await self._tx._run(*stmt)
+        return msg_id
 
 
 class AsyncStaged:
@@ -232,7 +272,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         self._schema_ready = False
         self._prepared_ok = False
         self._retry_sql = RetrySQL(dialect)
-        self._retry_ready = False
+        self._outbox_sql = OutboxSQL(dialect)
+        self._tables_ready: set[str] = set()
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -595,11 +636,14 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 return total
 
     async def _ensure_retry_tables(self) -> None:
+        await self._ensure_tables("retry", self._retry_sql.schema())
+
+    async def _ensure_tables(self, kind: str, stmts: tuple[str, ...]) -> None:
         # On a connection of its own: DDL inside the caller's transaction would commit it
         # implicitly on MariaDB.
-        if not self._retry_ready:
-            await self._on_fresh_connection(self._create_schema, self._retry_sql.schema())
-            self._retry_ready = True
+        if kind not in self._tables_ready:
+            await self._on_fresh_connection(self._create_schema, stmts)
+            self._tables_ready.add(kind)
 
     async def _create_schema(self, conn: AsyncConn, stmts: tuple[str, ...]) -> None:
         """Create twophase's tables if missing, one creator at a time across processes."""

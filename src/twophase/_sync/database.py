@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any, NoReturn, TypeVar
 
@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..idempotency import RetrySQL
 from ..names import TxName, validate_namespace
+from ..outbox import OutboxSQL, check_topic, encode_payload
 from ..protocol import Action, Answer, PreparedTransaction, Status, finish_answer, status_of
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
 from .driver import Conn, Params, Pool
@@ -78,6 +79,11 @@ class Transaction(QueryMethods[Rows, Row | None], TransactionRetry):
         return self._name.full[len(ns) + 1 :] if ns else self._name.full
 
     @property
+    def outbox(self) -> Outbox:
+        """Publish messages that exist exactly when this transaction commits."""
+        return Outbox(self)
+
+    @property
     def is_distributed(self) -> bool:
         """Whether this transaction will be prepared rather than committed."""
         return self._name is not None
@@ -129,6 +135,40 @@ class Transaction(QueryMethods[Rows, Row | None], TransactionRetry):
     def savepoint(self, name: str | None = None) -> NoReturn:
         """Refused: a prepared transaction cannot hold savepoints across a crash."""
         self._nested("savepoint()")
+
+
+class Outbox:
+    """The outbox of one transaction (``tx.outbox``)."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Write a message in this transaction; its stable id (for de-duplication).
+
+        ``payload``: bytes, str (UTF-8) or anything JSON-serializable. Messages with the
+        same ``key`` are delivered in the order their transactions committed; see
+        ``twophase.outbox`` for the precise guarantee.
+        """
+        check_topic(topic)
+        if key is not None and (not isinstance(key, str) or len(key) > 255):
+            raise InvalidQuery(
+                f"outbox key must be a str of at most 255 characters, got {key!r:.80}"
+            )
+        hdrs = {str(k): str(v) for k, v in (headers or {}).items()}
+        body = encode_payload(payload, hdrs)
+        db = self._tx._db
+        db._ensure_tables("outbox", db._outbox_sql.schema())
+        msg_id, stmt = db._outbox_sql.publish(topic, body, key, hdrs)
+        self._tx._run(*stmt)
+        return msg_id
 
 
 class Staged:
@@ -232,7 +272,8 @@ class Database(QueryMethods[Rows, Row | None]):
         self._schema_ready = False
         self._prepared_ok = False
         self._retry_sql = RetrySQL(dialect)
-        self._retry_ready = False
+        self._outbox_sql = OutboxSQL(dialect)
+        self._tables_ready: set[str] = set()
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -593,11 +634,14 @@ class Database(QueryMethods[Rows, Row | None]):
                 return total
 
     def _ensure_retry_tables(self) -> None:
+        self._ensure_tables("retry", self._retry_sql.schema())
+
+    def _ensure_tables(self, kind: str, stmts: tuple[str, ...]) -> None:
         # On a connection of its own: DDL inside the caller's transaction would commit it
         # implicitly on MariaDB.
-        if not self._retry_ready:
-            self._on_fresh_connection(self._create_schema, self._retry_sql.schema())
-            self._retry_ready = True
+        if kind not in self._tables_ready:
+            self._on_fresh_connection(self._create_schema, stmts)
+            self._tables_ready.add(kind)
 
     def _create_schema(self, conn: Conn, stmts: tuple[str, ...]) -> None:
         """Create twophase's tables if missing, one creator at a time across processes."""
