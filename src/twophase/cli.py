@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, connect
+from . import Coordinator, __version__, connect
 from ._sync.database import Database
 from .demo import DemoFailed, run_demo
 from .errors import TwoPhaseError
@@ -43,6 +44,8 @@ EXIT_USAGE = 2  # click's own code for usage errors
 
 DEFAULT_SLA = timedelta(seconds=60)
 
+_MAX_ROWS = 50  # actions listed by `recover` without --verbose
+
 _EPILOG = """\b
 Connection: --url URL, else $TWOPHASE_URL, else the embedded PostgreSQL
 (started on first use; data in ./.twophase/pg or $TWOPHASE_DATA_DIR).
@@ -52,7 +55,8 @@ Connection: --url URL, else $TWOPHASE_URL, else the embedded PostgreSQL
 Exit codes:
   0  success; `status NAME` exits 0 for every status, unknown included
   1  a twophase error (unknown transaction, invalid name, database
-     unreachable, ...); the message is printed on stderr
+     unreachable, ...); the message is printed on stderr. `recover`
+     also exits 1 while a branch stays in doubt (participant down)
   2  usage error: unknown option, missing or malformed argument
 
 \b
@@ -390,6 +394,212 @@ def demo_command(ctx: click.Context, keep: bool) -> None:
     """
     settings = ctx.ensure_object(Settings)
     run_demo(settings.url, namespace=settings.namespace, console=make_console(), keep=keep)
+
+
+# -- coordinator, relay and housekeeping ---------------------------------------------------
+
+
+def _load_coordinator(
+    ctx: click.Context, config: str | None, participants: tuple[str, ...], log_key: str | None
+) -> Coordinator:
+    """A Coordinator from ``--participant KEY=URL`` options and/or a TOML config file.
+
+    The file (``--config`` or ``$TWOPHASE_CONFIG``) looks like::
+
+        log = "orders"
+        namespace = "shop"          # optional
+        [participants]
+        orders = "postgresql://app@db1/orders"
+        billing = "mysql://app@db3/billing"
+    """
+    urls: dict[str, str] = {}
+    namespace = ctx.ensure_object(Settings).namespace
+    path = config or os.environ.get("TWOPHASE_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise click.UsageError(f"cannot read the config file {path}: {exc}") from exc
+        urls.update({str(k): str(v) for k, v in doc.get("participants", {}).items()})
+        log_key = log_key or doc.get("log")
+        namespace = namespace or doc.get("namespace")
+    for item in participants:
+        key, sep, url = item.partition("=")
+        if not sep or not key or not url:
+            raise click.UsageError(f"--participant takes KEY=URL, got {item!r}")
+        urls[key] = url
+    if not urls:
+        raise click.UsageError(
+            "name the participant databases: --participant KEY=URL (repeat it) or --config FILE"
+        )
+    if log_key is None:
+        raise click.UsageError("name the participant that keeps the decision log: --log KEY")
+    dbs = {key: connect(url) for key, url in urls.items()}
+    for db in dbs.values():
+        ctx.call_on_close(db.close)
+    return Coordinator(dbs, log=log_key, namespace=namespace)
+
+
+def coordinator_options(f: F) -> F:
+    """``--config``, ``--participant KEY=URL`` (repeatable) and ``--log KEY``."""
+    f = click.option(
+        "--log", "log_key", metavar="KEY", help="Participant keeping the decision log."
+    )(f)
+    f = click.option(
+        "--participant",
+        "participants",
+        metavar="KEY=URL",
+        multiple=True,
+        help="A participant database (repeat for each); keys must match the coordinators'.",
+    )(f)
+    f = click.option(
+        "--config",
+        metavar="FILE",
+        help="TOML file with log = KEY and a [participants] table. Default: $TWOPHASE_CONFIG.",
+    )(f)
+    return f
+
+
+@cli.command("recover")
+@click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
+@click.option("--verbose", is_flag=True, help="List every action, not just the first 50.")
+@coordinator_options
+@json_option
+@connection_options
+@click.pass_context
+def recover_command(
+    ctx: click.Context,
+    dry_run: bool,
+    verbose: bool,
+    config: str | None,
+    participants: tuple[str, ...],
+    log_key: str | None,
+    as_json: bool,
+) -> None:
+    """Finish every in-doubt branch of global transactions by the decision log.
+
+    Commits branches with a commit decision; rolls back undecided ones past their deadline
+    and runs their compensations. Exits 0 when everything reachable was resolved (undecided
+    branches within their deadline are left waiting), 1 when a participant could not be
+    reached or an error occurred (run it again later).
+    """
+    coord = _load_coordinator(ctx, config, participants, log_key)
+    console = make_console(wide_when_piped=True)
+    if as_json:
+        report = coord.recover(dry_run=dry_run)
+        emit_json({"dry_run": dry_run, **report.as_dict()})
+    else:
+        with console.status("recovering: listing prepared branches on every participant..."):
+            report = coord.recover(dry_run=dry_run)
+        table = Table(title="dry run: nothing changed" if dry_run else "recovery")
+        for column in ("global", "participant", "branch", "action"):
+            table.add_column(column)
+        shown = report.actions if verbose else report.actions[:_MAX_ROWS]
+        for gtrid, participant, branch, action in shown:
+            table.add_row(gtrid, participant, branch, action.replace("_", " "))
+        if report.actions:
+            console.print(table)
+        if len(shown) < len(report.actions):
+            console.print(f"... and {len(report.actions) - len(shown)} more (--verbose lists all)")
+        console.print(
+            f"committed {report.committed}, rolled back {report.rolled_back}, "
+            f"waiting {report.waiting}, skipped {report.skipped}, in doubt {report.in_doubt}, "
+            f"compensations {report.compensations}"
+        )
+        for error in report.errors:
+            console.print(f"[red]error:[/] {error}")
+    if report.errors or report.in_doubt:
+        ctx.exit(1)
+
+
+@cli.command("history")
+@click.argument("name")
+@coordinator_options
+@json_option
+@connection_options
+@click.pass_context
+def history_command(
+    ctx: click.Context,
+    name: str,
+    config: str | None,
+    participants: tuple[str, ...],
+    log_key: str | None,
+    as_json: bool,
+) -> None:
+    """The decision and audit events of the global transaction NAME."""
+    coord = _load_coordinator(ctx, config, participants, log_key)
+    decision = coord.status(name)
+    events = coord.history(name)
+    if as_json:
+        emit_json(
+            {
+                "name": name,
+                "decision": decision.value,
+                "events": [{**e, "at": iso(e["at"])} for e in events],
+            }
+        )
+        return
+    console = make_console(wide_when_piped=True)
+    console.print(f"{name}: decision {decision.value}")
+    table = Table()
+    for column in ("at", "event", "participant", "branch", "outcome", "actor", "detail"):
+        table.add_column(column)
+    for e in events:
+        table.add_row(
+            iso(e["at"]) or "",
+            *(str(e[c]) if e[c] is not None else "" for c in ("event", "participant", "branch")),
+            *(str(e[c]) if e[c] is not None else "" for c in ("outcome", "actor", "detail")),
+        )
+    console.print(table)
+
+
+@cli.command("relay")
+@click.option("--to", "to", required=True, metavar="URL", help="redis://, amqp:// or nats:// URL.")
+@click.option("--batch", default=500, show_default=True, help="Messages per round.")
+@click.option(
+    "--max-attempts", default=10, show_default=True, help="Failures before a dead letter."
+)
+@click.option("--until-idle", is_flag=True, help="Stop once nothing is pending.")
+@json_option
+@connection_options
+@click.pass_context
+def relay_command(
+    ctx: click.Context, to: str, batch: int, max_attempts: int, until_idle: bool, as_json: bool
+) -> None:
+    """Deliver committed outbox messages to a broker until interrupted (Ctrl-C)."""
+    from .relay import run_relay
+
+    settings = ctx.ensure_object(Settings)
+    try:
+        stats = run_relay(
+            settings.url, to, until_idle=until_idle, batch=batch, max_attempts=max_attempts
+        )
+    except KeyboardInterrupt:
+        return
+    document = {
+        "delivered": stats.delivered,
+        "failed": stats.failed,
+        "dead": stats.dead,
+        "batches": stats.batches,
+    }
+    if as_json:
+        emit_json(document)
+    else:
+        make_console().print(", ".join(f"{k} {v}" for k, v in document.items()))
+
+
+@cli.command("prune-keys")
+@json_option
+@connection_options
+@click.pass_context
+def prune_keys_command(ctx: click.Context, as_json: bool) -> None:
+    """Delete expired idempotency keys."""
+    deleted = open_db(ctx).prune_idempotency_keys()
+    if as_json:
+        emit_json({"deleted": deleted})
+    else:
+        make_console().print(f"deleted {deleted} expired idempotency keys")
 
 
 # -- entry point ---------------------------------------------------------------------------

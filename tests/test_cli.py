@@ -1,0 +1,373 @@
+"""The `twophase` command, run as a real subprocess against the real PostgreSQL and MariaDB.
+
+Prepared transactions for the command to act on are made with the library in the test;
+what the command did is checked back through the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import PG_URL
+
+import twophase
+from twophase import demo
+from twophase.cli import cli, format_age, format_sla, parse_duration
+
+# The console script next to this interpreter (what users type); else `python -m twophase`.
+_SCRIPT = Path(sys.executable).with_name("twophase")
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "twophase"]
+
+# Environment that changes the command's behaviour; each test sets what it wants.
+_SCRUB = ("TWOPHASE_URL", "NO_COLOR", "FORCE_COLOR", "COLUMNS", "TERM")
+
+# SGR parameters that set a colour (foreground or background, 8/16/256/true colour).
+_COLOUR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `twophase ARGS...` and return the finished process (never raises on exit code)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    full_env.update(env or {})
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def has_colour(text: str) -> bool:
+    for params in _COLOUR.findall(text):
+        for p in params.split(";"):
+            if p and (30 <= int(p) <= 49 or 90 <= int(p) <= 107):
+                return True
+    return False
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Exit 1, message on stderr, nothing on stdout, and no traceback."""
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of its own, so listings show only this test's transactions."""
+    return f"cli{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def nsdb(url: str, namespace: str, table: str) -> Iterator[twophase.Database]:
+    """A Database in the test's namespace; rolls back whatever the test left prepared.
+
+    It depends on ``table`` so that it is torn down first: what it leaves prepared holds
+    locks on the table, which would make the table's DROP wait.
+    """
+    database = twophase.connect(url, namespace=namespace, pool_max=4)
+    yield database
+    for p in database.prepared():
+        database.rollback_distributed(p.name)
+    database.close()
+
+
+@pytest.fixture
+def stage(table: str, nsdb: twophase.Database) -> Callable[[str, int], None]:
+    """stage(name, id): prepare an insert of row ``id`` under ``name`` in the namespace."""
+
+    def _stage(name: str, row_id: int) -> None:
+        nsdb.begin_distributed(
+            name,
+            lambda tx: tx.insert_into(table).values(id=row_id, status="staged").execute(),
+        )
+
+    return _stage
+
+
+# -- status NAME, commit, rollback ---------------------------------------------------------
+
+
+def test_status_commit_rollback_each_state(
+    url: str, namespace: str, nsdb: twophase.Database, stage: Callable[[str, int], None]
+) -> None:
+    stage("a", 1)
+    stage("b", 2)
+    base = ["--url", url, "--namespace", namespace]
+
+    proc = run_cli("status", *base, "a")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "a: prepared")
+    proc = run_cli("status", *base, "a", "--json")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == {"name": "a", "status": "prepared"}
+
+    proc = run_cli("commit", *base, "a")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "a: committed")
+    assert nsdb.status("a") is twophase.Status.COMMITTED
+    # Retry-safe: a second commit succeeds too.
+    proc = run_cli("commit", *base, "a", "--json")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == {"name": "a", "status": "committed"}
+
+    proc = run_cli("rollback", *base, "b")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "b: rolled_back")
+    assert nsdb.status("b") is twophase.Status.ROLLED_BACK
+    assert run_cli("rollback", *base, "b").returncode == 0
+
+    for name, expected in (("a", "committed"), ("b", "rolled_back"), ("never", "unknown")):
+        proc = run_cli("status", *base, name, "--json")
+        assert proc.returncode == 0, proc.stderr  # status NAME exits 0 for every status
+        assert json.loads(proc.stdout) == {"name": name, "status": expected}
+    proc = run_cli("status", *base, "never")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "never: unknown")
+
+
+def test_finishing_the_other_way_is_refused(
+    url: str, namespace: str, nsdb: twophase.Database, stage: Callable[[str, int], None]
+) -> None:
+    stage("c", 1)
+    stage("r", 2)
+    nsdb.commit_distributed("c")
+    nsdb.rollback_distributed("r")
+    base = ["--url", url, "--namespace", namespace]
+    assert_clean_error(run_cli("rollback", *base, "c"), "TransactionCommitted", "compensating")
+    assert_clean_error(run_cli("commit", *base, "r"), "TransactionRolledBack", "new name")
+    assert nsdb.status("c") is twophase.Status.COMMITTED
+    assert nsdb.status("r") is twophase.Status.ROLLED_BACK
+
+
+@pytest.mark.parametrize("command", ["commit", "rollback"])
+def test_unknown_name_exits_1(url: str, txname: str, command: str) -> None:
+    proc = run_cli(command, "--url", url, txname)
+    assert_clean_error(proc, "UnknownTransaction", f"no distributed transaction {txname!r}")
+
+
+@pytest.mark.parametrize("command", ["commit", "rollback", "status"])
+def test_invalid_name_exits_1(command: str) -> None:
+    proc = run_cli(command, "--url", PG_URL, "bad name!")
+    assert_clean_error(proc, "InvalidTransactionName", "contains ' '", "A-Z a-z 0-9 _ - . :")
+
+
+# -- listing -------------------------------------------------------------------------------
+
+
+def test_listing_table_and_json(
+    url: str, namespace: str, nsdb: twophase.Database, stage: Callable[[str, int], None]
+) -> None:
+    stage("first", 1)
+    stage("second", 2)
+    base = ["--url", url, "--namespace", namespace]
+
+    proc = run_cli("status", *base)
+    assert proc.returncode == 0, proc.stderr
+    assert "first" in proc.stdout and "second" in proc.stdout
+    assert "2 prepared; none older than the 1m SLA" in proc.stdout
+    assert "\x1b[" not in proc.stdout  # not a terminal: no styling at all
+
+    proc = run_cli("prepared", *base, "--json", "--sla", "1h")
+    assert proc.returncode == 0, proc.stderr
+    listing = json.loads(proc.stdout)
+    assert [item["name"] for item in listing] == ["first", "second"]  # oldest first
+    for item in listing:
+        assert item["full_name"] == f"{namespace}:{item['name']}"
+        assert item["database"] == nsdb.database
+        prepared_at = datetime.fromisoformat(item["prepared_at"])
+        assert prepared_at.utcoffset() == timedelta(0)
+        assert 0 <= item["age_seconds"] < 600
+        assert item["over_sla"] is False
+
+    # Past the SLA: flagged in JSON, highlighted (and marked, for no-colour) in the table.
+    proc = run_cli("status", *base, "--json", "--sla", "0s")
+    assert all(item["over_sla"] for item in json.loads(proc.stdout))
+    proc = run_cli("status", *base, "--sla", "0s")
+    assert proc.stdout.count("> SLA") == 2
+    assert "2 prepared; 2 older than the 0s SLA" in proc.stdout
+
+
+def test_listing_empty(namespace: str) -> None:
+    proc = run_cli("status", "--url", PG_URL, "--namespace", namespace, "--json")
+    assert (proc.returncode, json.loads(proc.stdout)) == (0, [])
+    proc = run_cli("prepared", "--url", PG_URL, "--namespace", namespace)
+    assert proc.returncode == 0
+    assert "No prepared transactions" in proc.stdout
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])  # styling is database-independent
+def test_colour_only_when_allowed(namespace: str, stage: Callable[[str, int], None]) -> None:
+    stage("late", 1)
+    args = ["status", "--url", PG_URL, "--namespace", namespace, "--sla", "0s"]
+    assert not has_colour(run_cli(*args).stdout)  # a pipe
+    assert has_colour(run_cli(*args, env={"FORCE_COLOR": "1"}).stdout)
+    no_colour = run_cli(*args, env={"FORCE_COLOR": "1", "NO_COLOR": "1"}).stdout
+    assert not has_colour(no_colour)
+    assert "> SLA" in no_colour  # the highlight survives without colour
+
+
+# -- global options, environment, exit codes -----------------------------------------------
+
+
+def test_url_from_environment_and_before_command(url: str, txname: str) -> None:
+    proc = run_cli("status", txname, "--json", env={"TWOPHASE_URL": url})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "unknown"
+    proc = run_cli("--url", url, "status", txname, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--bogus"],
+        ["commit"],  # NAME missing
+        ["status", "--sla", "soon"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    proc = run_cli(*args, "--url", PG_URL)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Usage:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_database_exits_1() -> None:
+    proc = run_cli("status", "--url", "postgresql://postgres@127.0.0.1:1/test")
+    assert_clean_error(proc, "DatabaseError", "could not connect")
+
+
+def test_unsupported_url_exits_1() -> None:
+    assert_clean_error(run_cli("status", "--url", "sqlite:///x.db"), "NotSupported", "SQLite")
+
+
+def test_help_documents_exit_codes() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    assert "Exit codes:" in proc.stdout
+    for line in ("0  success", "1  a twophase error", "2  usage error"):
+        assert line in proc.stdout
+    for command in ("status", "commit", "rollback", "prepared", "demo"):
+        assert command in proc.stdout
+
+
+def test_python_dash_m() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "twophase", "--version"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    assert twophase.__version__ in proc.stdout
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+
+def test_demo(url: str) -> None:
+    proc = run_cli("demo", "--url", url, timeout=180)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    out = proc.stdout
+    for header in (
+        "1. Orchestrated multi-step process",
+        "2. Rollback on failure",
+        "3. Crash and recovery",
+        "4. Idempotent retry",
+    ):
+        assert header in out
+    assert "SIGKILL" in out
+    assert "Nothing left prepared" in out.splitlines()[-2] + out.splitlines()[-1]
+    match = re.search(r"namespace (demo-([0-9a-f]{6}))", out)
+    assert match, out
+    run_ns, run_id = match.groups()
+
+    # What it printed is what the database holds: check through the library.
+    with twophase.connect(url, namespace=run_ns) as db:
+        assert db.prepared() == []
+        expected = {
+            "provision_user_123": twophase.Status.COMMITTED,
+            "batch_txn": twophase.Status.ROLLED_BACK,
+            "order_1": twophase.Status.COMMITTED,  # recovery: orchestration said commit
+            "order_2": twophase.Status.ROLLED_BACK,  # recovery: orchestration said rollback
+            "user_124": twophase.Status.COMMITTED,
+        }
+        for name, status in expected.items():
+            assert db.status(name) is status, name
+        for table in ("demo_users", "demo_jobs", "demo_orders", "demo_orchestration"):
+            assert db.select_from(table).where(run_id=run_id).execute() == []  # cleaned up
+    with twophase.connect(url) as db:
+        assert not [p for p in db.prepared() if p.full_name.startswith(run_ns)]
+
+
+def test_demo_reports_a_worker_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In process, to break the crash scenario's worker: exit 1 with the reason, nothing
+    # left prepared.
+    def broken_worker(self: demo._Demo, name: str, order_id: int) -> subprocess.Popen[str]:
+        code = "import sys; sys.stderr.write('boom: no database\\n'); sys.exit(3)"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.children.append(proc)
+        return proc
+
+    monkeypatch.setattr(demo._Demo, "spawn_child", broken_worker)
+    result = CliRunner().invoke(cli, ["demo", "--url", PG_URL])
+    assert result.exit_code == 1, result.output
+    assert "DemoFailed" in result.output
+    assert "did not prepare (exit code 3" in result.output
+    assert "boom: no database" in result.output
+    match = re.search(r"namespace (demo-[0-9a-f]{6})", result.output)
+    assert match, result.output
+    with twophase.connect(PG_URL, namespace=match.group(1)) as db:
+        assert db.prepared() == []
+
+
+# -- pure helpers (no subprocess) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("90", 90),
+        ("250ms", 0.25),
+        ("1.5h", 5400),
+        ("2d", 172800),
+        (" 10S ", 10),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "5x", "-5s", "1h 30m", "m5"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_formatting() -> None:
+    assert format_sla(timedelta(seconds=60)) == "1m"
+    assert format_sla(timedelta(seconds=90)) == "90s"
+    assert format_sla(timedelta(hours=2)) == "2h"
+    assert format_sla(timedelta(seconds=0.5)) == "0.5s"
+    assert format_age(None) == "-"
+    assert format_age(timedelta(seconds=4.7)) == "4s"
+    assert format_age(timedelta(seconds=125)) == "2m 05s"
+    assert format_age(timedelta(hours=1, minutes=2)) == "1h 02m"
+    assert format_age(timedelta(days=3, hours=4)) == "3d 04h"
