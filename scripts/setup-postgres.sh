@@ -4,7 +4,7 @@
 # then waits until the server accepts connections again.
 set -euo pipefail
 
-want=${TWOPHASE_MAX_PREPARED:-200}
+want=${TWOPHASE_MAX_PREPARED:-500}
 psql_q() { psql -h 127.0.0.1 -U postgres -d postgres -tAc "$1"; }
 
 current=$(psql_q "SHOW max_prepared_transactions")
