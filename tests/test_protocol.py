@@ -34,11 +34,11 @@ def test_finish_table_is_total() -> None:
 @pytest.mark.parametrize(
     ("action", "status", "expected"),
     [
-        (Action.COMMIT, Status.COMMITTED, Answer.DONE),
+        (Action.COMMIT, Status.COMMITTED, Answer.ALREADY),
         (Action.COMMIT, Status.ROLLED_BACK, TransactionRolledBack),
         (Action.COMMIT, Status.UNKNOWN, UnknownTransaction),
         (Action.COMMIT, Status.PREPARED, Answer.RETRY),
-        (Action.ROLLBACK, Status.ROLLED_BACK, Answer.DONE),
+        (Action.ROLLBACK, Status.ROLLED_BACK, Answer.ALREADY),
         (Action.ROLLBACK, Status.COMMITTED, TransactionCommitted),
         (Action.ROLLBACK, Status.UNKNOWN, UnknownTransaction),
         (Action.ROLLBACK, Status.PREPARED, Answer.RETRY),
@@ -84,7 +84,7 @@ def test_docs_render_the_finish_table() -> None:
         for action in actions:
             expected = FINISH[(action, names[status])]
             if isinstance(expected, Answer):
-                assert (expected is Answer.DONE) == answer.startswith("returns normally")
+                assert (expected is Answer.ALREADY) == answer.startswith("returns normally")
                 assert (expected is Answer.RETRY) == answer.startswith("try again")
             else:
                 assert re.search(rf"`{expected.__name__}`", answer), (call, status, answer)

@@ -23,6 +23,9 @@ from .names import TxName
 DECISIONS = "twophase_decision"
 COMPENSATIONS = "twophase_compensation"
 AUDIT = "twophase_audit"
+EXPECTED = "twophase_expected"
+
+_REASON = 64  # the reason column's width
 
 Statement = tuple[str, tuple[Any, ...] | None]
 
@@ -94,6 +97,7 @@ class DecisionLog:
         self.dialect = dialect
         q = dialect.sql.quote_ident
         self.decisions, self.compensations, self.audit = q(DECISIONS), q(COMPENSATIONS), q(AUDIT)
+        self.expected = q(EXPECTED)
         self._pg = dialect.name == "postgresql"
 
     def schema(self) -> tuple[str, ...]:
@@ -121,6 +125,10 @@ class DecisionLog:
                 " participant varchar(64), branch varchar(128), outcome varchar(32),"
                 " actor varchar(64), detail text)",
                 f"CREATE INDEX IF NOT EXISTS twophase_audit_gtrid ON {self.audit} (gtrid, id)",
+                f"CREATE TABLE IF NOT EXISTS {self.expected} ("
+                " participant varchar(64) NOT NULL, record varchar(128) NOT NULL,"
+                " gtrid varchar(64) NOT NULL, deadline bigint NOT NULL,"
+                " PRIMARY KEY (participant, record))",
             )
         name = "VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin"
         return (
@@ -146,6 +154,11 @@ class DecisionLog:
             " participant VARCHAR(64), branch VARCHAR(128), outcome VARCHAR(32),"
             " actor VARCHAR(64), detail TEXT, KEY twophase_audit_gtrid (gtrid, id)"
             ") ENGINE=InnoDB",
+            f"CREATE TABLE IF NOT EXISTS {self.expected} ("
+            " participant VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,"
+            " record VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,"
+            f" gtrid {name} NOT NULL, deadline BIGINT NOT NULL,"
+            " PRIMARY KEY (participant, record)) ENGINE=InnoDB",
         )
 
     # -- decisions ---------------------------------------------------------------------
@@ -174,7 +187,7 @@ class DecisionLog:
         return (
             f"INSERT INTO {self.decisions} (gtrid, outcome, deadline, branches, reason) "
             "VALUES (%s, %s, %s, %s, %s)",
-            (gtrid, outcome, deadline, encode_branches(branches), reason),
+            (gtrid, outcome, deadline, encode_branches(branches), _cut(reason)),
         )
 
     def fence(self, gtrid: str, deadline: int, branches: list[BranchRef], reason: str) -> Statement:
@@ -184,7 +197,7 @@ class DecisionLog:
         return (
             f"{verb} INTO {self.decisions} (gtrid, outcome, deadline, branches, reason) "
             f"VALUES (%s, 'rolled_back', %s, %s, %s){tail}",
-            (gtrid, deadline, encode_branches(branches), reason),
+            (gtrid, deadline, encode_branches(branches), _cut(reason)),
         )
 
     def settle_pending(self, gtrid: str, outcome: str, reason: str | None) -> Statement:
@@ -193,7 +206,7 @@ class DecisionLog:
         return (
             f"UPDATE {self.decisions} SET outcome = %s, reason = %s, decided_at = {now} "
             "WHERE gtrid = %s AND outcome = 'pending'",
-            (outcome, reason, gtrid),
+            (outcome, _cut(reason), gtrid),
         )
 
     def lookup(self, gtrids: list[str], *, lock: bool = False) -> Statement:
@@ -206,13 +219,31 @@ class DecisionLog:
             tuple(gtrids),
         )
 
-    def expired_pending(self, now: int, limit: int) -> Statement:
-        """Pending rows past their deadline that no other session holds."""
+    def expired_pending(self, now: float, limit: int, prefix: str) -> Statement:
+        """Pending rows (of names starting with ``prefix``) past their deadline that no other
+        session holds."""
         return (
             f"SELECT gtrid, outcome, deadline, branches, reason FROM {self.decisions} "
-            "WHERE outcome = 'pending' AND deadline < %s ORDER BY deadline LIMIT %s "
-            "FOR UPDATE SKIP LOCKED",
-            (now, limit),
+            "WHERE outcome = 'pending' AND deadline < %s AND LEFT(gtrid, %s) = %s "
+            "ORDER BY deadline LIMIT %s FOR UPDATE SKIP LOCKED",
+            (now, len(prefix), prefix, limit),
+        )
+
+    def expect(self, participant: str, record: str, gtrid: str, deadline: int) -> Statement:
+        """Remember that ``record`` on ``participant`` is a branch of ``gtrid``."""
+        return (
+            f"INSERT INTO {self.expected} (participant, record, gtrid, deadline) "
+            "VALUES (%s, %s, %s, %s)",
+            (participant, record, gtrid, deadline),
+        )
+
+    def expected_of(self, participant: str, records: list[str], prefix: str) -> Statement:
+        """Which of ``records`` (prepared on ``participant``) are expected branches."""
+        marks = ", ".join(["%s"] * len(records))
+        return (
+            f"SELECT record, gtrid, deadline FROM {self.expected} WHERE participant = %s "
+            f"AND record IN ({marks}) AND LEFT(gtrid, %s) = %s",
+            (participant, *records, len(prefix), prefix),
         )
 
     # -- compensations -----------------------------------------------------------------
@@ -225,19 +256,20 @@ class DecisionLog:
             (gtrid, seq, handler, json.dumps(payload)),
         )
 
-    def due_compensations(self, limit: int) -> Statement:
+    def due_compensations(self, limit: int, prefix: str) -> Statement:
         """Pending compensations of rolled-back transactions, claimed with SKIP LOCKED."""
+        ns = "AND LEFT(c.gtrid, %s) = %s "
         return (
             f"SELECT c.gtrid, c.seq, c.handler, c.payload, c.attempts "
             f"FROM {self.compensations} c JOIN {self.decisions} d ON d.gtrid = c.gtrid "
-            "WHERE c.state = 'pending' AND d.outcome = 'rolled_back' "
+            f"WHERE c.state = 'pending' AND d.outcome = 'rolled_back' {ns}"
             "ORDER BY c.gtrid, c.seq LIMIT %s FOR UPDATE OF c SKIP LOCKED"
             if self._pg
             else f"SELECT c.gtrid, c.seq, c.handler, c.payload, c.attempts "
             f"FROM {self.compensations} c JOIN {self.decisions} d ON d.gtrid = c.gtrid "
-            "WHERE c.state = 'pending' AND d.outcome = 'rolled_back' "
+            f"WHERE c.state = 'pending' AND d.outcome = 'rolled_back' {ns}"
             "ORDER BY c.gtrid, c.seq LIMIT %s FOR UPDATE SKIP LOCKED",
-            (limit,),
+            (len(prefix), prefix, limit),
         )
 
     def finish_compensation(self, gtrid: str, seq: int, state: str, error: str | None) -> Statement:
@@ -292,3 +324,7 @@ class DecisionLog:
             f"FROM {self.audit} WHERE gtrid = %s ORDER BY id",
             (gtrid,),
         )
+
+
+def _cut(reason: str | None) -> str | None:
+    return reason if reason is None or len(reason) <= _REASON else reason[: _REASON - 3] + "..."

@@ -65,7 +65,8 @@ class Action(enum.StrEnum):
 class Answer(enum.Enum):
     """What a finishing call does once it learns the status."""
 
-    DONE = "return normally"
+    DONE = "return normally: this call finished it"
+    ALREADY = "return normally: it was already finished (a retry)"
     RETRY = "try the statement again"
 
 
@@ -82,12 +83,12 @@ def status_of(*, prepared: bool, committed: bool, tombstone: bool) -> Status:
 
 #: (action, status found after the statement said "no such prepared transaction") -> answer.
 FINISH: Final[dict[tuple[Action, Status], Answer | type[TwoPhaseError]]] = {
-    (Action.COMMIT, Status.COMMITTED): Answer.DONE,
+    (Action.COMMIT, Status.COMMITTED): Answer.ALREADY,
     (Action.COMMIT, Status.ROLLED_BACK): TransactionRolledBack,
     (Action.COMMIT, Status.UNKNOWN): UnknownTransaction,
     # Prepared but not found: MariaDB still attaches it to the session that prepared it.
     (Action.COMMIT, Status.PREPARED): Answer.RETRY,
-    (Action.ROLLBACK, Status.ROLLED_BACK): Answer.DONE,
+    (Action.ROLLBACK, Status.ROLLED_BACK): Answer.ALREADY,
     (Action.ROLLBACK, Status.COMMITTED): TransactionCommitted,
     (Action.ROLLBACK, Status.UNKNOWN): UnknownTransaction,
     (Action.ROLLBACK, Status.PREPARED): Answer.RETRY,

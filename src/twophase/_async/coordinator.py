@@ -72,7 +72,7 @@ class AsyncGlobalTransaction:
             raise NestedTransactionError(
                 f"global transaction {self.gtrid!r} has already ended; begin a new one"
             )
-        if time.time() > self.deadline:
+        if _expired(self.deadline, time.time()):
             raise DeadlineExceeded(
                 f"global transaction {self.gtrid!r} passed its deadline before it was "
                 "decided; it is being rolled back. Give it a longer timeout"
@@ -125,13 +125,17 @@ class AsyncGlobalTransaction:
         db = self._coord._participant(participant)
         self._expected.append(PreparedBranch(participant, db._name(name)))
         refs = [BranchRef(p.participant, p.name.record) for p in self._expected]
-        coord = self._coord
+        coord, record = self._coord, self._expected[-1].name.record
+        # One transaction: recovery finds the branch through the expected row and decides
+        # by the pending row, so neither may exist without the other.
+        stmts = [coord._log.expect(participant, record, self.gtrid, self.deadline)]
         if not self._pending_row:
-            await coord._log_run(coord._log.decide(self.gtrid, "pending", self.deadline, refs))
-            self._pending_row = True
+            stmts.append(coord._log.decide(self.gtrid, "pending", self.deadline, refs))
         else:
             sql = f"UPDATE {coord._log.decisions} SET branches = %s WHERE gtrid = %s"
-            await coord._log_run((sql, (json.dumps([r.as_json() for r in refs]), self.gtrid)))
+            stmts.append((sql, (json.dumps([r.as_json() for r in refs]), self.gtrid)))
+        await coord._log_atomic(stmts)
+        self._pending_row = True
 
     async def compensate(self, handler: str, payload: Any = None) -> None:
         """Record, durably and now, a compensation to run if this transaction rolls back.
@@ -156,7 +160,7 @@ class AsyncGlobalTransaction:
     async def _commit(self) -> None:
         coord = self._coord
         self._open = False
-        if time.time() > self.deadline:
+        if _expired(self.deadline, time.time()):
             await self._rollback("deadline passed before prepare")
             raise DeadlineExceeded(f"global transaction {self.gtrid!r} passed its deadline")
         testing.reached("before_prepare")
@@ -219,7 +223,7 @@ class AsyncGlobalTransaction:
             waiting = still
             if not waiting:
                 return True
-            if time.time() > self.deadline:
+            if _expired(self.deadline, time.time()):
                 return False
             await _acompat.sleep(delay)
             delay = min(delay * 2, 0.25)
@@ -304,16 +308,25 @@ class AsyncGlobalTransaction:
             self._decision_tx = None
         staged_open = [s for _, s in self._staged if s.tx._open]
         await _acompat.settle([s.abandon for s in staged_open])
+        logged = True
         if self._pending_row or self._compensations:
             # Recovery and the compensation runner read the decision log; without this row
             # a pending expectation would wait for its deadline.
             refs = self._prepared_refs()
-            if self._pending_row:
-                await coord._log_run(coord._log.settle_pending(self.gtrid, "rolled_back", reason))
-            else:
-                await coord._log_run(coord._log.fence(self.gtrid, self.deadline, refs, reason))
+            log_sql = (
+                coord._log.settle_pending(self.gtrid, "rolled_back", reason)
+                if self._pending_row
+                else coord._log.fence(self.gtrid, self.deadline, refs, reason)
+            )
+            try:
+                await coord._log_run(log_sql)
+            except TwoPhaseError:
+                # The branches are rolled back below all the same; recover() writes the
+                # decision (and runs the compensations) once the log is reachable.
+                logged = False
+                log.warning("could not record the rollback of %s", self.gtrid, exc_info=True)
         await coord._rollback_branches(self.gtrid, self._prepared(), reason)
-        if self._compensations:
+        if self._compensations and logged:
             await coord.run_compensations()
 
 
@@ -483,17 +496,29 @@ class AsyncCoordinator:
         report = RecoveryReport()
         found: dict[str, list[PreparedBranch]] = {}
         prefix = f"{self.namespace}:" if self.namespace else ""
+        deadlines: dict[str, int] = {}
         for key, db in self.participants.items():
             try:
-                listed = await db._on_fresh_connection(db._list_branches, prefix)
+                listed = await db._on_fresh_connection(db._list_prepared_names)
             except TwoPhaseError as exc:
                 report.errors.append(f"{key}: {exc}")
                 continue
+            plain = []
             for name in listed:
-                found.setdefault(name.full, []).append(PreparedBranch(key, name))
+                if name.branch is None:
+                    plain.append(name.record)  # maybe a branch another process prepared
+                elif name.full.startswith(prefix):
+                    found.setdefault(name.full, []).append(PreparedBranch(key, name))
+            for start in range(0, len(plain), batch):
+                chunk = plain[start : start + batch]
+                for row in await self._log_run(self._log.expected_of(key, chunk, prefix)):
+                    name = TxName(row["record"])
+                    found.setdefault(row["gtrid"], []).append(PreparedBranch(key, name))
+                    deadlines[row["gtrid"]] = int(row["deadline"])
         gtrids = sorted(found)
         for start in range(0, len(gtrids), batch):
-            await self._recover_batch(gtrids[start : start + batch], found, report, dry_run)
+            chunk = gtrids[start : start + batch]
+            await self._recover_batch(chunk, found, deadlines, report, dry_run)
         await self._recover_pending(report, dry_run, batch)
         if not dry_run:
             report.compensations += await self.run_compensations()
@@ -503,6 +528,7 @@ class AsyncCoordinator:
         self,
         gtrids: list[str],
         found: dict[str, list[PreparedBranch]],
+        deadlines: dict[str, int],
         report: RecoveryReport,
         dry_run: bool,
     ) -> None:
@@ -534,10 +560,22 @@ class AsyncCoordinator:
                         report.skipped += len(branches)
                         continue
                     decision = Decision(row["outcome"]) if row else Decision.NONE
-                    deadline = min(b.name.deadline or 0 for b in branches)
                     if row is not None:
                         deadline = int(row["deadline"])
-                    action = recovery_action(decision, now > deadline)
+                        # Branches other processes prepared (plain names, no "#") are named
+                        # in the row; they are finished with the rest (they may not all be
+                        # prepared). Enlisted ones not listed are not prepared any more.
+                        listed = {(b.participant, b.name.record) for b in branches}
+                        branches = branches + [
+                            PreparedBranch(ref.participant, _record_name(ref.record))
+                            for ref in decode_branches(row["branches"])
+                            if "#" not in ref.record
+                            and (ref.participant, ref.record) not in listed
+                            and ref.participant in self.participants
+                        ]
+                    else:
+                        deadline = deadlines.get(gtrid, min(b.name.deadline or 0 for b in branches))
+                    action = recovery_action(decision, _expired(deadline, now))
                     if action is Recovery.WAIT:
                         report.waiting += len(branches)
                         continue
@@ -580,8 +618,8 @@ class AsyncCoordinator:
         rollbacks: list[tuple[str, PreparedBranch]],
         report: RecoveryReport,
     ) -> None:
-        async def finish(action: Action, p: PreparedBranch) -> None:
-            await self._participant(p.participant)._finish(action, p.name)
+        async def finish(action: Action, p: PreparedBranch) -> bool:
+            return await self._participant(p.participant)._finish(action, p.name)
 
         work = [(Action.COMMIT, p) for p in commits] + [(Action.ROLLBACK, p) for _, p in rollbacks]
         done: list[tuple[str, str, str, str, str]] = []
@@ -595,6 +633,8 @@ class AsyncCoordinator:
                     report.in_doubt += 1
                     report.errors.append(f"{action.value} {p.name} on {p.participant}: {r}")
                     continue
+                if r is False:
+                    continue  # finished by someone else meanwhile: theirs to count
                 if action is Action.COMMIT:
                     report.committed += 1
                 else:
@@ -614,7 +654,8 @@ class AsyncCoordinator:
 
         async with logdb._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
             try:
-                rows = await conn.run(*self._log.expired_pending(int(time.time()), batch))
+                prefix = f"{self.namespace}:" if self.namespace else ""
+                rows = await conn.run(*self._log.expired_pending(time.time(), batch, prefix))
                 rollbacks: list[tuple[str, PreparedBranch]] = []
                 for row in rows:
                     for ref in decode_branches(row["branches"]):
@@ -661,7 +702,9 @@ class AsyncCoordinator:
         while True:
             async with logdb._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
                 try:
-                    rows = await conn.run(*self._log.due_compensations(limit))
+                    prefix = f"{self.namespace}:" if self.namespace else ""
+                    rows = await conn.run(*self._log.due_compensations(limit, prefix))
+                    ran_before = ran
                     for row in rows:
                         key = f"{row['gtrid']}:{row['seq']}"
                         handler = self._handlers.get(row["handler"])
@@ -695,7 +738,9 @@ class AsyncCoordinator:
                 except BaseException:
                     await logdb._quietly(conn, (dialect.rollback(),))
                     raise
-            if len(rows) < limit:
+            # A full page in which nothing finished holds only failing (or foreign-handler)
+            # rows: they stay pending for the next call instead of spinning here.
+            if len(rows) < limit or ran == ran_before:
                 return ran
 
     async def compensations(self, name: str) -> list[dict[str, Any]]:
@@ -711,6 +756,23 @@ class AsyncCoordinator:
         db = self._log_db
         await db._on_fresh_connection(db._create_schema, self._log.schema())
         self._log_ready = True
+
+    async def _log_atomic(self, stmts: list[tuple[str, Any]]) -> None:
+        """Run statements in one transaction on the log database."""
+        db = self._log_db
+        dialect = db.dialect
+
+        def failed(exc: Exception) -> NoReturn:
+            db._raise(exc, "could not write to the decision log")
+
+        async with db._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
+            try:
+                for sql, params in stmts:
+                    await conn.run(sql, params)
+                await conn.run(dialect.commit())
+            except Exception as exc:
+                await db._quietly(conn, (dialect.rollback(),))
+                db._raise(exc, "could not write to the decision log")
 
     async def _log_run(self, stmt: tuple[str, Any]) -> Any:
         db = self._log_db
@@ -737,13 +799,16 @@ def _bind(fn: Callable[[Any], Awaitable[None]], arg: Any) -> Callable[[], Awaita
     return call
 
 
-def _bind2(
-    fn: Callable[[Any, Any], Awaitable[None]], a: Any, b: Any
-) -> Callable[[], Awaitable[None]]:
-    async def call() -> None:
-        await fn(a, b)
+def _bind2(fn: Callable[[Any, Any], Awaitable[T]], a: Any, b: Any) -> Callable[[], Awaitable[T]]:
+    async def call() -> T:
+        return await fn(a, b)
 
     return call
+
+
+def _expired(deadline: float, now: float) -> bool:
+    """One rule for every deadline check (recovery, pending rows, the coordinator)."""
+    return now > deadline
 
 
 def _record_name(record: str) -> TxName:

@@ -10,6 +10,7 @@ from typing import Any, NoReturn, TypeVar
 
 from .. import _acompat, _context
 from ..dialects import Dialect, ErrorKind, control_statement
+from ..dialects.base import created_objects
 from ..errors import (
     DatabaseError,
     IntegrityError,
@@ -500,15 +501,16 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         """
         await self._finish(Action.ROLLBACK, self._name(name))
 
-    async def _finish(self, action: Action, name: TxName) -> None:
+    async def _finish(self, action: Action, name: TxName) -> bool:
+        """Commit or roll back ``name``; True if this call did it, False if it was done."""
         self._refuse_nesting(f"{action.value}_distributed()")
         await self._ensure_ready()
         deadline = time.monotonic() + _ATTACHED_WAIT
         delay = 0.01
         while True:
             answer = await self._on_fresh_connection(self._finish_once, action, name)
-            if answer is Answer.DONE:
-                return
+            if answer is not Answer.RETRY:
+                return answer is Answer.DONE
             if time.monotonic() > deadline:
                 raise DatabaseError(
                     f"{str(name)!r} is prepared but still held by the session that prepared "
@@ -571,14 +573,10 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         rows = await conn.run(*self.dialect.list_prepared(name.full))
         return any(p.name == name for p in self.dialect.parse_prepared(rows, ""))
 
-    async def _list_branches(self, conn: AsyncConn, prefix: str) -> list[TxName]:
-        """Prepared branches of global transactions whose name starts with ``prefix``."""
-        rows = await conn.run(*self.dialect.list_prepared(prefix))
-        return [
-            p.name
-            for p in self.dialect.parse_prepared(rows, self.database)
-            if p.name.branch is not None and p.name.full.startswith(prefix)
-        ]
+    async def _list_prepared_names(self, conn: AsyncConn) -> list[TxName]:
+        """Every prepared twophase transaction and branch of this database, any namespace."""
+        rows = await conn.run(*self.dialect.list_prepared(""))
+        return [p.name for p in self.dialect.parse_prepared(rows, self.database)]
 
     async def prepared(self) -> list[PreparedTransaction]:
         """This database's prepared twophase transactions (in this namespace), oldest first.
@@ -647,6 +645,11 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
 
     async def _create_schema(self, conn: AsyncConn, stmts: tuple[str, ...]) -> None:
         """Create twophase's tables if missing, one creator at a time across processes."""
+        names = created_objects(stmts)
+        if names:
+            found = {r["name"] for r in await conn.run(*self.dialect.existing_objects(names))}
+            if found >= set(names):
+                return
         try:
             for sql in self.dialect.serialized_ddl(stmts):
                 await conn.run(sql)

@@ -12,6 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 from .. import _compat, _context
 from ..dialects import Dialect, ErrorKind, control_statement
+from ..dialects.base import created_objects
 from ..errors import (
     DatabaseError,
     IntegrityError,
@@ -498,15 +499,16 @@ class Database(QueryMethods[Rows, Row | None]):
         """
         self._finish(Action.ROLLBACK, self._name(name))
 
-    def _finish(self, action: Action, name: TxName) -> None:
+    def _finish(self, action: Action, name: TxName) -> bool:
+        """Commit or roll back ``name``; True if this call did it, False if it was done."""
         self._refuse_nesting(f"{action.value}_distributed()")
         self._ensure_ready()
         deadline = time.monotonic() + _ATTACHED_WAIT
         delay = 0.01
         while True:
             answer = self._on_fresh_connection(self._finish_once, action, name)
-            if answer is Answer.DONE:
-                return
+            if answer is not Answer.RETRY:
+                return answer is Answer.DONE
             if time.monotonic() > deadline:
                 raise DatabaseError(
                     f"{str(name)!r} is prepared but still held by the session that prepared "
@@ -569,14 +571,10 @@ class Database(QueryMethods[Rows, Row | None]):
         rows = conn.run(*self.dialect.list_prepared(name.full))
         return any(p.name == name for p in self.dialect.parse_prepared(rows, ""))
 
-    def _list_branches(self, conn: Conn, prefix: str) -> list[TxName]:
-        """Prepared branches of global transactions whose name starts with ``prefix``."""
-        rows = conn.run(*self.dialect.list_prepared(prefix))
-        return [
-            p.name
-            for p in self.dialect.parse_prepared(rows, self.database)
-            if p.name.branch is not None and p.name.full.startswith(prefix)
-        ]
+    def _list_prepared_names(self, conn: Conn) -> list[TxName]:
+        """Every prepared twophase transaction and branch of this database, any namespace."""
+        rows = conn.run(*self.dialect.list_prepared(""))
+        return [p.name for p in self.dialect.parse_prepared(rows, self.database)]
 
     def prepared(self) -> list[PreparedTransaction]:
         """This database's prepared twophase transactions (in this namespace), oldest first.
@@ -645,6 +643,11 @@ class Database(QueryMethods[Rows, Row | None]):
 
     def _create_schema(self, conn: Conn, stmts: tuple[str, ...]) -> None:
         """Create twophase's tables if missing, one creator at a time across processes."""
+        names = created_objects(stmts)
+        if names:
+            found = {r["name"] for r in conn.run(*self.dialect.existing_objects(names))}
+            if found >= set(names):
+                return
         try:
             for sql in self.dialect.serialized_ddl(stmts):
                 conn.run(sql)

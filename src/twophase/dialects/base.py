@@ -64,6 +64,10 @@ class Dialect(ABC):
     def schema(self) -> tuple[str, ...]:
         """Statements that create the outcome table if it is missing."""
 
+    @abstractmethod
+    def existing_objects(self, names: list[str]) -> Statement:
+        """Which of the named tables/indexes exist (column ``name``); read without locks."""
+
     def serialized_ddl(self, stmts: tuple[str, ...]) -> tuple[str, ...]:
         """``stmts`` arranged so concurrent creators do not collide (default: as they are;
         MariaDB serializes DDL on metadata locks)."""
@@ -243,3 +247,11 @@ def split_statements(sql: str, *, backslash_escapes: bool, dollar_quotes: bool) 
             i += 1
     out.append("".join(cur))
     return [s for s in out if s.strip()]
+
+
+_CREATED = re.compile(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS [`\"]?([A-Za-z0-9_]+)")
+
+
+def created_objects(stmts: tuple[str, ...]) -> list[str]:
+    """The names of the tables and indexes a schema's statements create."""
+    return [m.group(1) for stmt in stmts for m in [_CREATED.search(stmt)] if m]

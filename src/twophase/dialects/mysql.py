@@ -40,6 +40,15 @@ class MySQLDialect(Dialect):
             ") ENGINE=InnoDB",
         )
 
+    def existing_objects(self, names: list[str]) -> Statement:
+        """Tables of the current schema (indexes are created with their tables here)."""
+        marks = ", ".join(["%s"] * len(names))
+        return (
+            "SELECT table_name AS name FROM information_schema.tables "
+            f"WHERE table_schema = DATABASE() AND table_name IN ({marks})",
+            tuple(names),
+        )
+
     def begin(self) -> str:
         """Start an ordinary transaction."""
         return "START TRANSACTION"

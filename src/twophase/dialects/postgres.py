@@ -41,11 +41,23 @@ class PostgresDialect(Dialect):
             " PRIMARY KEY (name, outcome))",
         )
 
+    def existing_objects(self, names: list[str]) -> Statement:
+        """Catalog lookups only: ``CREATE INDEX IF NOT EXISTS`` would take a table lock
+        before checking, and wait behind any prepared transaction that wrote the table."""
+        return (
+            "SELECT n AS name FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NOT NULL",
+            (names,),
+        )
+
     def serialized_ddl(self, stmts: tuple[str, ...]) -> tuple[str, ...]:
         """One transaction under an advisory lock: concurrent ``CREATE TABLE IF NOT EXISTS``
-        can fail on PostgreSQL's catalog unique indexes instead of waiting."""
+        can fail on PostgreSQL's catalog unique indexes instead of waiting. The lock timeout
+        turns a wait behind a stuck transaction into an error that names the cause."""
         body = "; ".join(stmts)
-        return (f"BEGIN; SELECT pg_advisory_xact_lock({_DDL_LOCK}); {body}; COMMIT",)
+        return (
+            f"BEGIN; SET LOCAL lock_timeout = '30s'; "
+            f"SELECT pg_advisory_xact_lock({_DDL_LOCK}); {body}; COMMIT",
+        )
 
     def settings_check(self) -> str:
         """``max_prepared_transactions`` must be above zero."""
