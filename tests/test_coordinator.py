@@ -918,7 +918,7 @@ def test_recover_is_idempotent_and_dry_run_changes_nothing(
     assert len(env.calls) == 1
 
 
-# == library bugs found on the way (strict xfail: each passes once the bug is fixed) ===========
+# == regression tests for bugs found while building the coordinator =========================
 
 
 def _prepare_expected(coord: twophase.Coordinator, env: Env, name: str, row_id: int) -> None:
