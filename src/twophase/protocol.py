@@ -186,8 +186,8 @@ class Recovery(enum.Enum):
 
 #: (decision found, deadline passed?) -> action. A committed decision is final whatever the
 #: clock says: a branch with a commit decision is never rolled back. Without a decision,
-#: nothing is done before the deadline; after it, the rolled-back decision is written *before*
-#: any branch is touched, so a slow coordinator can no longer decide commit (its insert or
+#: nothing is done before the deadline; after it, the rolled-back decision is *committed*
+#: before any branch is touched, so a slow coordinator can no longer decide commit (its insert or
 #: update of the same row fails).
 RECOVERY: Final[dict[tuple[Decision, bool], Recovery]] = {
     (Decision.COMMITTED, False): Recovery.COMMIT,

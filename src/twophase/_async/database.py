@@ -513,8 +513,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 return answer is Answer.DONE
             if time.monotonic() > deadline:
                 raise DatabaseError(
-                    f"{str(name)!r} is prepared but still held by the session that prepared "
-                    "it; it can be finished once that session disconnects"
+                    f"{str(name)!r} is prepared but held by another session (the one that "
+                    "prepared it, or one finishing it); retry once that session lets go"
                 )
             await _acompat.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -538,6 +538,9 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 conn.discard()
             if action is Action.ROLLBACK and kind is ErrorKind.ROLLED_BACK:
                 return Answer.DONE
+            if kind is ErrorKind.BUSY:
+                # Another session is finishing it this instant; its outcome decides ours.
+                return Answer.RETRY
             if kind is ErrorKind.PERMISSION:
                 raise PermissionDenied(
                     f"the database refused to {action.value} {str(name)!r}: {exc}. Only the "

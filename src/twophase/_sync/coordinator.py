@@ -41,6 +41,7 @@ from ..errors import (
 from ..names import TxName, validate_name, validate_namespace
 from ..protocol import Action, Decision, Recovery, Status, recovery_action
 from .database import Database, Staged, Transaction
+from .driver import Conn
 
 T = TypeVar("T")
 log = logging.getLogger("twophase.coordinator")
@@ -460,6 +461,12 @@ class Coordinator:
         ]
         if failed:
             p, exc = failed[0]
+            if isinstance(exc, TransactionRolledBack):
+                raise TwoPhaseError(
+                    f"global transaction {gtrid!r} has a commit decision, but its branch "
+                    f"{str(p.name)!r} on {p.participant!r} was rolled back by someone else "
+                    "(an operator?); the transaction is not atomic: reconcile it by hand"
+                ) from exc
             raise InDoubt(
                 f"global transaction {gtrid!r} is committed (the decision is durable), but "
                 f"{len(failed)} branch(es) could not be reached yet, e.g. {str(p.name)!r} on "
@@ -530,6 +537,11 @@ class Coordinator:
         report: RecoveryReport,
         dry_run: bool,
     ) -> None:
+        """Two passes: first make rolled-back decisions durable (committed) for expired
+        undecided transactions, then resolve decided ones under row locks. A recovery
+        process that dies between the two leaves durable fences, never a rolled-back branch
+        whose fence a slow coordinator could still beat."""
+        fenced = set() if dry_run else self._fence_batch(gtrids, found, deadlines)
         logdb = self._log_db
         now = time.time()
 
@@ -539,74 +551,118 @@ class Coordinator:
         dialect = logdb.dialect
         with logdb._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
             try:
-                existing = {r["gtrid"]: r for r in conn.run(*self._log.lookup(gtrids))}
-                mine = {
-                    r["gtrid"]: r
-                    for r in (
-                        conn.run(*self._log.lookup(sorted(existing), lock=True)) if existing else []
-                    )
-                }
+                existing, mine = self._lock_rows(conn, gtrids)
                 commits: list[PreparedBranch] = []
                 rollbacks: list[tuple[str, PreparedBranch]] = []
-                fenced: list[str] = []
                 for gtrid in gtrids:
-                    branches = found[gtrid]
                     row = existing.get(gtrid)
+                    branches, deadline = self._plan(gtrid, found[gtrid], row, deadlines)
                     if row is not None and gtrid not in mine:
                         report.skipped += len(branches)
                         continue
                     decision = Decision(row["outcome"]) if row else Decision.NONE
-                    if row is not None:
-                        deadline = int(row["deadline"])
-                        # Branches other processes prepared (plain names, no "#") are named
-                        # in the row; they are finished with the rest (they may not all be
-                        # prepared). Enlisted ones not listed are not prepared any more.
-                        listed = {(b.participant, b.name.record) for b in branches}
-                        branches = branches + [
-                            PreparedBranch(ref.participant, _record_name(ref.record))
-                            for ref in decode_branches(row["branches"])
-                            if "#" not in ref.record
-                            and (ref.participant, ref.record) not in listed
-                            and ref.participant in self.participants
-                        ]
-                    else:
-                        deadline = deadlines.get(gtrid, min(b.name.deadline or 0 for b in branches))
                     action = recovery_action(decision, _expired(deadline, now))
                     if action is Recovery.WAIT:
                         report.waiting += len(branches)
                         continue
                     if action is Recovery.FENCE_AND_ROLLBACK and not dry_run:
-                        if decision is Decision.PENDING:
-                            sql = self._log.settle_pending(gtrid, "rolled_back", "deadline")
-                        else:
-                            refs = [BranchRef(b.participant, b.name.record) for b in branches]
-                            sql = self._log.fence(gtrid, deadline, refs, "deadline")
-                        if (conn.run(*sql)).rowcount != 1:
-                            report.skipped += len(branches)  # decided meanwhile: next pass
-                            continue
-                        fenced.append(gtrid)
+                        report.skipped += len(branches)  # its fence lost a race: next pass
+                        continue
+                    label = "fence_and_rollback" if gtrid in fenced else action.name.lower()
                     for b in branches:
                         if action is Recovery.COMMIT:
                             commits.append(b)
                         else:
                             rollbacks.append((gtrid, b))
-                        report.actions.append(
-                            (gtrid, b.participant, str(b.name), action.name.lower())
-                        )
+                        report.actions.append((gtrid, b.participant, str(b.name), label))
                 if dry_run:
                     report.committed += len(commits)
                     report.rolled_back += len(rollbacks)
                     conn.run(dialect.rollback())
                     return
                 self._resolve(commits, rollbacks, report)
-                for gtrid in fenced:
-                    conn.run(
-                        *self._log.record(gtrid, "expired", outcome="rolled_back", actor="recover")
-                    )
                 conn.run(dialect.commit())
             except BaseException:
                 logdb._quietly(conn, (dialect.rollback(),))
                 raise
+
+    def _fence_batch(
+        self,
+        gtrids: list[str],
+        found: dict[str, list[PreparedBranch]],
+        deadlines: dict[str, int],
+    ) -> set[str]:
+        """Commit rolled-back decisions for the expired undecided transactions of a batch;
+        the names this process fenced."""
+        fenced: set[str] = set()
+        logdb = self._log_db
+        dialect = logdb.dialect
+        now = time.time()
+
+        def failed(exc: Exception) -> NoReturn:
+            logdb._raise(exc, "could not open the decision log")
+
+        with logdb._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
+            try:
+                existing, mine = self._lock_rows(conn, gtrids)
+                for gtrid in gtrids:
+                    row = existing.get(gtrid)
+                    if row is not None and gtrid not in mine:
+                        continue
+                    branches, deadline = self._plan(gtrid, found[gtrid], row, deadlines)
+                    decision = Decision(row["outcome"]) if row else Decision.NONE
+                    if recovery_action(decision, _expired(deadline, now)) is not (
+                        Recovery.FENCE_AND_ROLLBACK
+                    ):
+                        continue
+                    if decision is Decision.PENDING:
+                        sql = self._log.settle_pending(gtrid, "rolled_back", "deadline")
+                    else:
+                        refs = [BranchRef(b.participant, b.name.record) for b in branches]
+                        sql = self._log.fence(gtrid, deadline, refs, "deadline")
+                    if (conn.run(*sql)).rowcount == 1:
+                        fenced.add(gtrid)
+                        conn.run(
+                            *self._log.record(
+                                gtrid, "expired", outcome="rolled_back", actor="recover"
+                            )
+                        )
+                conn.run(dialect.commit())
+            except BaseException:
+                logdb._quietly(conn, (dialect.rollback(),))
+                raise
+        return fenced
+
+    def _lock_rows(self, conn: Conn, gtrids: list[str]) -> tuple[dict[str, Any], set[str]]:
+        """Decision rows of ``gtrids``, and which of them this session now holds."""
+        existing = {r["gtrid"]: r for r in conn.run(*self._log.lookup(gtrids))}
+        if not existing:
+            return existing, set()
+        locked = conn.run(*self._log.lookup(sorted(existing), lock=True))
+        return existing, {r["gtrid"] for r in locked}
+
+    def _plan(
+        self,
+        gtrid: str,
+        branches: list[PreparedBranch],
+        row: dict[str, Any] | None,
+        deadlines: dict[str, int],
+    ) -> tuple[list[PreparedBranch], int]:
+        """The branches to finish for ``gtrid`` and its deadline."""
+        if row is None:
+            return branches, deadlines.get(gtrid, min(b.name.deadline or 0 for b in branches))
+        # Branches other processes prepared (plain names, no "#") are named in the row; they
+        # are finished with the rest (they may not all be prepared). Enlisted ones that were
+        # not listed are not prepared any more.
+        listed = {(b.participant, b.name.record) for b in branches}
+        extra = [
+            PreparedBranch(ref.participant, _record_name(ref.record))
+            for ref in decode_branches(row["branches"])
+            if "#" not in ref.record
+            and (ref.participant, ref.record) not in listed
+            and ref.participant in self.participants
+        ]
+        return branches + extra, int(row["deadline"])
 
     def _resolve(
         self,
@@ -675,11 +731,12 @@ class Coordinator:
                     report.rolled_back += len(rollbacks)
                     conn.run(dialect.rollback())
                     return
-                self._resolve([], rollbacks, report)
+                # The rolled-back decisions are committed before any branch is touched.
                 conn.run(dialect.commit())
             except BaseException:
                 logdb._quietly(conn, (dialect.rollback(),))
                 raise
+        self._resolve([], rollbacks, report)
 
     def run_compensations(self, *, limit: int = 100) -> int:
         """Run the pending compensations of rolled-back transactions; how many ran.

@@ -26,6 +26,7 @@ class ErrorKind(enum.Enum):
 
     NOT_FOUND = "not found"  # no prepared transaction under that id
     NAME_IN_USE = "name in use"  # the id is active or prepared elsewhere
+    BUSY = "busy"  # another session is finishing this prepared transaction right now
     DUPLICATE_KEY = "duplicate key"
     INTEGRITY = "constraint violated"
     LOCK_TIMEOUT = "lock timeout"

@@ -121,6 +121,11 @@ class PostgresDialect(Dialect):
         """Map psycopg's exception classes (SQLSTATE-based) to error kinds."""
         if isinstance(exc, pgerr.UndefinedObject):
             return ErrorKind.NOT_FOUND
+        if isinstance(exc, pgerr.ObjectInUse) or (
+            # "prepared transaction with identifier ... is busy" (SQLSTATE 55000)
+            isinstance(exc, pgerr.ObjectNotInPrerequisiteState) and "is busy" in str(exc)
+        ):
+            return ErrorKind.BUSY
         if isinstance(exc, pgerr.DuplicateObject):
             return ErrorKind.NAME_IN_USE
         if isinstance(exc, pgerr.UniqueViolation):
