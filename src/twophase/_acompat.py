@@ -34,19 +34,28 @@ async def acquire(sem: asyncio.BoundedSemaphore, timeout: float) -> bool:
 MYSQL_DB_KWARG = "db"  # aiomysql names the schema argument "db", PyMySQL "database"
 
 
-async def settle(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
-    """Run every call concurrently; each result or exception, in order.
+async def settle(
+    calls: Sequence[Callable[[], Awaitable[T]]], limit: int | None = None
+) -> list[T | BaseException]:
+    """Run the calls concurrently (at most ``limit`` at once); each result or exception.
 
     Unlike plain gather, no call is abandoned when another fails: two-phase commit needs
-    the outcome of every branch.
+    the outcome of every branch. With a limit, a new call starts as soon as any finishes.
     """
     if len(calls) == 1:
         try:
             return [await calls[0]()]
         except Exception as exc:
             return [exc]
-    results = await asyncio.gather(*(c() for c in calls), return_exceptions=True)
-    return list(results)
+    if limit is None:
+        return list(await asyncio.gather(*(c() for c in calls), return_exceptions=True))
+    slots = asyncio.Semaphore(limit)
+
+    async def bounded(call: Callable[[], Awaitable[T]]) -> T:
+        async with slots:
+            return await call()
+
+    return list(await asyncio.gather(*(bounded(c) for c in calls), return_exceptions=True))
 
 
 def mysql_cursor_class() -> Any:

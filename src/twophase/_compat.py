@@ -45,13 +45,26 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def settle(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-    """Run every call concurrently (threads); each result or exception, in order."""
+def settle(calls: Sequence[Callable[[], T]], limit: int | None = None) -> list[T | BaseException]:
+    """Run the calls concurrently (threads, at most ``limit`` at once); each result or
+    exception, in order."""
     if len(calls) == 1:
         try:
             return [calls[0]()]
         except Exception as exc:
             return [exc]
+    if limit is not None:
+        slots = threading.BoundedSemaphore(limit)
+        plain = calls
+
+        def bound(call: Callable[[], T]) -> Callable[[], T]:
+            def run() -> T:
+                with slots:
+                    return call()
+
+            return run
+
+        calls = [bound(c) for c in plain]
     futures = [_executor().submit(c) for c in calls]
     out: list[T | BaseException] = []
     for f in futures:

@@ -93,20 +93,24 @@ class RetrySQL:
     def _key_col(self) -> str:
         return "key" if self._pg else "`key`"
 
-    def claim(self, key: str, fp: str, ttl_seconds: int) -> Statement:
+    def claim(self, key: str, fp: str, ttl_seconds: float) -> Statement:
         """Insert the key unless present; rowcount 1 means this call owns it and runs."""
         k = self._key_col()
         if self._pg:
             return (
                 f"INSERT INTO {self.keys} ({k}, fingerprint, expires_at) VALUES "
                 "(%s, %s, now() + make_interval(secs => %s)) ON CONFLICT DO NOTHING",
-                (key, fp, ttl_seconds),
+                (key, fp, float(ttl_seconds)),
             )
         return (
             f"INSERT IGNORE INTO {self.keys} ({k}, fingerprint, expires_at) VALUES "
-            "(%s, %s, CURRENT_TIMESTAMP(6) + INTERVAL %s SECOND)",
-            (key, fp, ttl_seconds),
+            "(%s, %s, CURRENT_TIMESTAMP(6) + INTERVAL %s MICROSECOND)",
+            (key, fp, int(ttl_seconds * 1_000_000)),
         )
+
+    def forget(self, key: str) -> Statement:
+        """Delete a claim whose body failed (in the claiming transaction)."""
+        return (f"DELETE FROM {self.keys} WHERE {self._key_col()} = %s", (key,))
 
     def read(self, key: str) -> Statement:
         """The stored fingerprint and result, and whether the key has expired."""

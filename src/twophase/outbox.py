@@ -19,6 +19,8 @@ import json
 import uuid
 import zlib
 from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any, Final
 
 from .dialects import Dialect
@@ -26,6 +28,7 @@ from .errors import InvalidQuery
 
 OUTBOX = "twophase_outbox"
 LEASES = "twophase_outbox_lease"
+WORKERS = "twophase_outbox_worker"
 
 #: Fixed: a message's partition is computed when it is published.
 PARTITIONS: Final = 32
@@ -62,7 +65,7 @@ def encode_payload(payload: Any, headers: dict[str, str]) -> bytes:
         headers.setdefault("content-type", "text/plain; charset=utf-8")
         return payload.encode()
     try:
-        text = json.dumps(payload, separators=(",", ":"), default=str)
+        text = json.dumps(payload, separators=(",", ":"), default=_json_extra)
     except (TypeError, ValueError) as exc:
         raise InvalidQuery(
             f"outbox payload of type {type(payload).__name__} is not bytes, str or "
@@ -70,6 +73,13 @@ def encode_payload(payload: Any, headers: dict[str, str]) -> bytes:
         ) from exc
     headers.setdefault("content-type", "application/json")
     return text.encode()
+
+
+def _json_extra(value: Any) -> Any:
+    """The few non-JSON types with one obvious text form; anything else is refused."""
+    if isinstance(value, datetime | date | time | Decimal | uuid.UUID):
+        return value.isoformat() if hasattr(value, "isoformat") else str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
 def check_topic(topic: object) -> str:
@@ -86,7 +96,7 @@ class OutboxSQL:
 
     def __init__(self, dialect: Dialect) -> None:
         q = dialect.sql.quote_ident
-        self.outbox, self.leases = q(OUTBOX), q(LEASES)
+        self.outbox, self.leases, self.workers = q(OUTBOX), q(LEASES), q(WORKERS)
         self._pg = dialect.name == "postgresql"
         self._now = "now()" if self._pg else "CURRENT_TIMESTAMP(6)"
         self._key = "key" if self._pg else "`key`"
@@ -115,6 +125,8 @@ class OutboxSQL:
                 " failures int NOT NULL DEFAULT 0, delivered bigint NOT NULL DEFAULT 0)",
                 f"INSERT INTO {self.leases} (partition) VALUES {seed_values} "
                 "ON CONFLICT DO NOTHING",
+                f"CREATE TABLE IF NOT EXISTS {self.workers} ("
+                " worker varchar(128) PRIMARY KEY, seen_at timestamptz NOT NULL)",
             )
         return (
             f"CREATE TABLE IF NOT EXISTS {self.outbox} ("
@@ -133,6 +145,9 @@ class OutboxSQL:
             " failures INT NOT NULL DEFAULT 0, delivered BIGINT NOT NULL DEFAULT 0"
             ") ENGINE=InnoDB",
             f"INSERT IGNORE INTO {self.leases} (`partition`) VALUES {seed_values}",
+            f"CREATE TABLE IF NOT EXISTS {self.workers} ("
+            " worker VARCHAR(128) NOT NULL PRIMARY KEY, seen_at TIMESTAMP(6) NOT NULL"
+            ") ENGINE=InnoDB",
         )
 
     def publish(
@@ -148,12 +163,33 @@ class OutboxSQL:
 
     # -- the relay's statements ---------------------------------------------------------
 
-    def live_owners(self) -> Statement:
-        """How many relay workers hold a lease now."""
+    def heartbeat(self, worker: str) -> Statement:
+        """Say this worker is alive (it then counts when partitions are shared out)."""
+        if self._pg:
+            return (
+                f"INSERT INTO {self.workers} (worker, seen_at) VALUES (%s, now()) "
+                "ON CONFLICT (worker) DO UPDATE SET seen_at = now()",
+                (worker,),
+            )
         return (
-            f"SELECT COUNT(DISTINCT owner) AS n FROM {self.leases} WHERE lease_until > {self._now}",
-            None,
+            f"INSERT INTO {self.workers} (worker, seen_at) VALUES (%s, CURRENT_TIMESTAMP(6)) "
+            "ON DUPLICATE KEY UPDATE seen_at = CURRENT_TIMESTAMP(6)",
+            (worker,),
         )
+
+    def live_workers(self, seconds: float) -> Statement:
+        """How many workers sent a heartbeat within ``seconds``."""
+        since = (
+            "now() - make_interval(secs => %s)"
+            if self._pg
+            else "CURRENT_TIMESTAMP(6) - INTERVAL %s MICROSECOND"
+        )
+        amount: float | int = seconds if self._pg else int(seconds * 1_000_000)
+        return (f"SELECT COUNT(*) AS n FROM {self.workers} WHERE seen_at > {since}", (amount,))
+
+    def forget_worker(self, worker: str) -> Statement:
+        """A worker leaving."""
+        return (f"DELETE FROM {self.workers} WHERE worker = %s", (worker,))
 
     def take_leases(self, owner: str, seconds: float, limit: int) -> Statement:
         """Renew this worker's leases and take free (expired) ones, up to ``limit`` in all.

@@ -679,24 +679,25 @@ class AsyncCoordinator:
 
         work = [(Action.COMMIT, p) for p in commits] + [(Action.ROLLBACK, p) for _, p in rollbacks]
         done: list[tuple[str, str, str, str, str]] = []
-        for start in range(0, len(work), self.concurrency):
-            chunk = work[start : start + self.concurrency]
-            results = await _acompat.settle([_bind2(finish, a, p) for a, p in chunk])
-            for (action, p), r in zip(chunk, results, strict=True):
-                if isinstance(r, BaseException):
-                    if isinstance(r, UnknownTransaction):
-                        continue  # finished by someone else between listing and now
-                    report.in_doubt += 1
-                    report.errors.append(f"{action.value} {p.name} on {p.participant}: {r}")
-                    continue
-                if r is False:
-                    continue  # finished by someone else meanwhile: theirs to count
-                if action is Action.COMMIT:
-                    report.committed += 1
-                else:
-                    report.rolled_back += 1
-                event = f"recover_{action.value}"
-                done.append((p.name.full, event, p.participant, str(p.name), "recover"))
+        # A sliding window: a new branch starts as soon as any of the running ones finishes.
+        results = await _acompat.settle(
+            [_bind2(finish, a, p) for a, p in work], limit=self.concurrency
+        )
+        for (action, p), r in zip(work, results, strict=True):
+            if isinstance(r, BaseException):
+                if isinstance(r, UnknownTransaction):
+                    continue  # finished by someone else between listing and now
+                report.in_doubt += 1
+                report.errors.append(f"{action.value} {p.name} on {p.participant}: {r}")
+                continue
+            if r is False:
+                continue  # finished by someone else meanwhile: theirs to count
+            if action is Action.COMMIT:
+                report.committed += 1
+            else:
+                report.rolled_back += 1
+            event = f"recover_{action.value}"
+            done.append((p.name.full, event, p.participant, str(p.name), "recover"))
         for start in range(0, len(done), 500):
             await self._audit_many(done[start : start + 500])
 

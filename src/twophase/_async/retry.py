@@ -48,9 +48,15 @@ class AsyncTransactionRetry:
         await db._ensure_retry_tables()
         sql = db._retry_sql
         for _ in range(2):
-            claimed = await self._tx_run(*sql.claim(key, fingerprint, int(ttl)))
+            claimed = await self._tx_run(*sql.claim(key, fingerprint, ttl))
             if claimed.rowcount == 1:
-                result = json.loads(json.dumps(await fn(self._as_tx())))
+                try:
+                    result = json.loads(json.dumps(await fn(self._as_tx())))
+                except BaseException:
+                    # A caller that catches this and commits anyway must not commit a key
+                    # with no result: every retry would return nothing without running.
+                    await self._tx_run(*sql.forget(key))
+                    raise
                 await self._tx_run(*sql.store(key, result))
                 return result
             rows = await self._tx_run(*sql.read(key))

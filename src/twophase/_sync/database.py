@@ -159,9 +159,13 @@ class Outbox:
         ``twophase.outbox`` for the precise guarantee.
         """
         check_topic(topic)
-        if key is not None and (not isinstance(key, str) or len(key) > 255):
+        if headers is not None and not isinstance(headers, Mapping):
             raise InvalidQuery(
-                f"outbox key must be a str of at most 255 characters, got {key!r:.80}"
+                f"outbox headers must be a mapping of str to str, got {type(headers).__name__}"
+            )
+        if key is not None and (not isinstance(key, str) or len(key) > 255 or "\0" in key):
+            raise InvalidQuery(
+                f"outbox key must be a str of at most 255 characters without NUL, got {key!r:.80}"
             )
         hdrs = {str(k): str(v) for k, v in (headers or {}).items()}
         body = encode_payload(payload, hdrs)

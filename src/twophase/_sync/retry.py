@@ -50,9 +50,15 @@ class TransactionRetry:
         db._ensure_retry_tables()
         sql = db._retry_sql
         for _ in range(2):
-            claimed = self._tx_run(*sql.claim(key, fingerprint, int(ttl)))
+            claimed = self._tx_run(*sql.claim(key, fingerprint, ttl))
             if claimed.rowcount == 1:
-                result = json.loads(json.dumps(fn(self._as_tx())))
+                try:
+                    result = json.loads(json.dumps(fn(self._as_tx())))
+                except BaseException:
+                    # A caller that catches this and commits anyway must not commit a key
+                    # with no result: every retry would return nothing without running.
+                    self._tx_run(*sql.forget(key))
+                    raise
                 self._tx_run(*sql.store(key, result))
                 return result
             rows = self._tx_run(*sql.read(key))

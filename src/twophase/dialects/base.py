@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -170,6 +171,12 @@ _MYSQL_IMPLICIT_COMMIT = {
 
 def control_statement(dialect: Dialect, sql: str, *, in_transaction: bool = False) -> str | None:
     """The first statement in ``sql`` that would end or escape a managed transaction."""
+    # Applications run the same statement texts over and over: the verdict is cached.
+    return _control_statement(dialect, sql, in_transaction)
+
+
+@functools.lru_cache(maxsize=4096)
+def _control_statement(dialect: Dialect, sql: str, in_transaction: bool) -> str | None:
     for words in _statements(dialect, sql):
         if not words:
             continue

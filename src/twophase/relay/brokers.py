@@ -113,9 +113,17 @@ class RabbitMQ:
         )
         self._declared.clear()
 
+    def _check(self) -> None:
+        # A closed channel answers every publish with an error; that is an outage, not a
+        # per-message failure, so it must not count towards dead-lettering.
+        if self._conn is None or self._conn.is_closed or self._channel.is_closed:
+            raise ConnectionError("the RabbitMQ connection or channel is closed")
+
     async def publish(self, messages: Sequence[Message]) -> list[BaseException | None]:
         """Send the batch in order on one channel, then wait for every confirm."""
         import aio_pika
+
+        self._check()
 
         if self.declare_queues and not self.exchange_name:
             for topic in {m.topic for m in messages} - self._declared:
@@ -137,6 +145,7 @@ class RabbitMQ:
         # gather starts the publishes in list order; frames go out on the channel in that
         # order, and confirms are awaited together.
         results = await asyncio.gather(*sends, return_exceptions=True)
+        self._check()
         return [r if isinstance(r, BaseException) else None for r in results]
 
     async def close(self) -> None:
@@ -184,8 +193,13 @@ class NatsJetStream:
             except Exception:
                 await self._js.add_stream(name=self.stream, subjects=self.subjects)
 
+    def _check(self) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            raise ConnectionError("the NATS connection is closed")
+
     async def publish(self, messages: Sequence[Message]) -> list[BaseException | None]:
         """Publish the batch in order on one connection, then wait for every ack."""
+        self._check()
         sends = [
             self._js.publish(
                 self.prefix + m.topic,
@@ -195,6 +209,7 @@ class NatsJetStream:
             for m in messages
         ]
         results = await asyncio.gather(*sends, return_exceptions=True)
+        self._check()
         return [r if isinstance(r, BaseException) else None for r in results]
 
     async def close(self) -> None:

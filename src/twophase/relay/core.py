@@ -171,7 +171,7 @@ class Relay:
             if r is None:
                 continue
             dead = m.attempts + 1 >= self.max_attempts
-            await self.db._autocommit(*self._sql.failed(m, repr(r), dead))
+            await self.db._autocommit(*self._sql.failed(m, f"{type(r).__name__}: {r}", dead))
             self.stats.failed += 1
             if dead:
                 self.stats.dead += 1
@@ -196,9 +196,10 @@ class Relay:
         """Renew ours, take free partitions up to a fair share, give back any excess."""
         db, sql = self.db, self._sql
         dialect = db.dialect
-        live = int((await db._autocommit(*sql.live_owners()))[0]["n"] or 0)
-        if not self._held:
-            live += 1  # us, not yet counted
+        # Every live worker counts, holding partitions or not: a newcomer's heartbeat shrinks
+        # everyone's share, the others give partitions back, and it takes them.
+        await db._autocommit(*sql.heartbeat(self.worker_id))
+        live = int((await db._autocommit(*sql.live_workers(self.lease_seconds)))[0]["n"] or 1)
         share = math.ceil(PARTITIONS / max(1, live))
 
         def failed(exc: Exception) -> NoReturn:
@@ -222,12 +223,13 @@ class Relay:
 
     async def close(self) -> None:
         """Give back this worker's leases and close the broker connection."""
-        if self._held:
-            try:
+        try:
+            if self._held:
                 await self.db._autocommit(*self._sql.release(self.worker_id, self._held))
-            except Exception:
-                log.warning("could not release outbox leases", exc_info=True)
-            self._held = []
+            await self.db._autocommit(*self._sql.forget_worker(self.worker_id))
+        except Exception:
+            log.warning("could not release outbox leases", exc_info=True)
+        self._held = []
         await self.broker.close()
         self._connected = False
 
