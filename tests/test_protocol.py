@@ -109,7 +109,7 @@ def test_docs_render_the_recovery_table() -> None:
         if not line.startswith("|"):
             break
         decision, expired, action = (c.strip() for c in line.strip("|").split("|"))
-        for flag in ([True, False] if expired == "any" else [expired == "yes"]):
+        for flag in [True, False] if expired == "any" else [expired == "yes"]:
             expected = RECOVERY[(names[decision], flag)]
             if expected is Recovery.WAIT:
                 assert action.startswith("wait"), line
