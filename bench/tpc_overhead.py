@@ -52,8 +52,6 @@ PAYLOAD = "benchmark payload, 32 bytes long"
 OUTCOME_TABLE = "twophase_outcome"
 # What the lead must report: twophase at no less than 95 % of hand-written 2PC throughput.
 TARGET = 0.95
-# Paired c/b ratios further apart than this (relative to their median) make a verdict moot.
-MAX_PAIRED_SCATTER = 0.2
 
 VARIANT_LABELS = {
     "a": "plain psycopg (BEGIN; INSERT; COMMIT)",
@@ -972,15 +970,28 @@ def summarise(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], list[
         # Runs of one repeat ran back to back, so their ratio cancels drift between repeats.
         paired = [c.tps / b.tps for b, c in zip(b_runs, c_runs, strict=True)]
         c_over_b = by_key["c"]["median_tps"] / by_key["b"]["median_tps"]
-        # A verdict needs (b) and (c) measured undisturbed, and repeats that agree: on a
-        # shared machine a neighbour's burst can halve one run and flip the ratio.
+        # The verdict rests on the repeats whose (b) and (c) both ran undisturbed: on a
+        # shared machine a neighbour's burst can halve one run and flip its ratio. It is
+        # given only when all of those land on the same side of the target.
+        clean = [
+            c.tps / b.tps
+            for b, c in zip(b_runs, c_runs, strict=True)
+            if not (b.disturbed or c.disturbed)
+        ]
+        verdict: bool | None = None
         doubts = []
-        spoiled = sum(r.disturbed for r in [*b_runs, *c_runs])
-        if spoiled:
-            doubts.append(f"{spoiled} disturbed (b)/(c) run(s)")
-        scatter = (max(paired) - min(paired)) / statistics.median(paired)
-        if len(paired) > 1 and scatter > MAX_PAIRED_SCATTER:
-            doubts.append(f"paired ratios scatter {100 * scatter:.0f}%")
+        if len(clean) < len(paired):
+            doubts.append(
+                f"{len(paired) - len(clean)} repeat(s) with a disturbed (b) or (c) left out"
+            )
+        if not clean:
+            doubts.append("no undisturbed repeat")
+        elif all(x >= TARGET for x in clean):
+            verdict = True
+        elif all(x < TARGET for x in clean):
+            verdict = False
+        else:
+            doubts.append("undisturbed repeats fall on both sides of the target")
         ratio: dict[str, Any] = {
             "api": r_api,
             "clients": r_clients,
@@ -988,8 +999,9 @@ def summarise(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], list[
             "c_over_b_paired": paired,
             "b_over_a": by_key["b"]["median_tps"] / by_key["a"]["median_tps"],
             "target_c_over_b": TARGET,
+            "c_over_b_undisturbed": clean,
             # None: inconclusive, see "doubts".
-            "target_met": None if doubts else c_over_b >= TARGET,
+            "target_met": verdict,
             "doubts": doubts,
         }
         if "b+" in by_key:
@@ -1059,13 +1071,16 @@ def render(report: dict[str, Any]) -> str:
     for r in report["ratios"]:
         paired = ", ".join(f"{x:.3f}" for x in r["c_over_b_paired"])
         verdict = {True: "meets", False: "MISSES", None: "INCONCLUSIVE for"}[r["target_met"]]
+        clean = ", ".join(f"{x:.3f}" for x in r["c_over_b_undisturbed"]) or "none"
         lines.append(
             f"  {r['api']:5s} {r['clients']:2d} clients: (c)/(b) = {r['c_over_b']:.3f} "
             f"[paired {paired}] {verdict} the >= {TARGET} target;  "
             f"(b)/(a) = {r['b_over_a']:.3f}"
         )
-        if r["doubts"]:
-            lines.append(f"  {'':5s} {'':2s}          ({'; '.join(r['doubts'])})")
+        lines.append(
+            f"  {'':5s} {'':2s}          verdict from undisturbed repeats [{clean}]"
+            + (f" ({'; '.join(r['doubts'])})" if r["doubts"] else "")
+        )
         if "bplus_over_b" in r:
             lines.append(
                 f"  {'':5s} {'':2s}          split: (b+)/(b) = {r['bplus_over_b']:.3f} "
@@ -1132,6 +1147,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "cores during the window",
     )
     p.add_argument("--json", action="store_true", help="print JSON results instead of a table")
+    p.add_argument("--json-out", metavar="FILE", help="also write the JSON results to FILE")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.breakdown and "b+" not in variants:
@@ -1207,6 +1223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "outcome_table": {"before": outcome_before, "after_runs": outcome_after},
         "cleanup": cleaned,
     }
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if cleaned["still_prepared"] == 0 else 1
 
