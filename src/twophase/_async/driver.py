@@ -50,15 +50,18 @@ class AsyncPgConn(AsyncConn):
 
     def in_failed_transaction(self) -> bool:
         """libpq's view of the session: INERROR after a failed statement."""
-        return self.raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        # pgconn directly: .info builds a new ConnectionInfo on every access.
+        return self.raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR
 
     async def run(self, sql: str, params: Params = None) -> Rows:
         """Execute through a cursor; without params psycopg uses the simple protocol."""
         try:
             async with self.raw.cursor() as cur:
                 await cur.execute(sql, params)
-                fetched = await cur.fetchall() if cur.description else []
-                return Rows(fetched, rowcount=cur.rowcount)
+                if cur.description is None:
+                    # BEGIN, PREPARE, COMMIT PREPARED, DML: nothing to fetch.
+                    return Rows((), rowcount=cur.rowcount)
+                return Rows(await cur.fetchall(), rowcount=cur.rowcount)
         except psycopg.Error:
             if self.raw.broken or self.raw.closed:
                 self.broken = True
@@ -164,13 +167,17 @@ class AsyncPgPool(AsyncPool):
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConn]:
         """Lend a connection; one marked broken or discarded is closed, not reused."""
-        async with self._pool.connection() as raw:
-            conn = AsyncPgConn(raw)
-            try:
-                yield conn
-            finally:
-                if conn.discarded and not raw.closed:
-                    await raw.close()
+        # getconn/putconn rather than pool.connection(): that one also runs the connection's
+        # own context exit (a commit path) on every return, pointless in autocommit mode.
+        # putconn still rolls back a connection left in a transaction and replaces broken ones.
+        raw = await self._pool.getconn()
+        conn = AsyncPgConn(raw)
+        try:
+            yield conn
+        finally:
+            if conn.discarded and not raw.closed:
+                await raw.close()
+            await self._pool.putconn(raw)
 
     async def reset_idle(self) -> None:
         """Let psycopg_pool test its idle connections and replace the dead ones."""

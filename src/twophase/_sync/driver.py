@@ -52,15 +52,18 @@ class PgConn(Conn):
 
     def in_failed_transaction(self) -> bool:
         """libpq's view of the session: INERROR after a failed statement."""
-        return self.raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        # pgconn directly: .info builds a new ConnectionInfo on every access.
+        return self.raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR
 
     def run(self, sql: str, params: Params = None) -> Rows:
         """Execute through a cursor; without params psycopg uses the simple protocol."""
         try:
             with self.raw.cursor() as cur:
                 cur.execute(sql, params)
-                fetched = cur.fetchall() if cur.description else []
-                return Rows(fetched, rowcount=cur.rowcount)
+                if cur.description is None:
+                    # BEGIN, PREPARE, COMMIT PREPARED, DML: nothing to fetch.
+                    return Rows((), rowcount=cur.rowcount)
+                return Rows(cur.fetchall(), rowcount=cur.rowcount)
         except psycopg.Error:
             if self.raw.broken or self.raw.closed:
                 self.broken = True
@@ -166,13 +169,17 @@ class PgPool(Pool):
     @contextmanager
     def connection(self) -> Iterator[Conn]:
         """Lend a connection; one marked broken or discarded is closed, not reused."""
-        with self._pool.connection() as raw:
-            conn = PgConn(raw)
-            try:
-                yield conn
-            finally:
-                if conn.discarded and not raw.closed:
-                    raw.close()
+        # getconn/putconn rather than pool.connection(): that one also runs the connection's
+        # own context exit (a commit path) on every return, pointless in autocommit mode.
+        # putconn still rolls back a connection left in a transaction and replaces broken ones.
+        raw = self._pool.getconn()
+        conn = PgConn(raw)
+        try:
+            yield conn
+        finally:
+            if conn.discarded and not raw.closed:
+                raw.close()
+            self._pool.putconn(raw)
 
     def reset_idle(self) -> None:
         """Let psycopg_pool test its idle connections and replace the dead ones."""
