@@ -8,87 +8,17 @@ driver directly (procs.rawdb), not only through twophase.
 
 from __future__ import annotations
 
-import os
-import queue
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import uuid
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from procs import rawdb
+from procs.child import Child
 
 import twophase
 from twophase import Status
-
-CHILD = Path(__file__).parent / "procs" / "crash_child.py"
-# Start-up of a child (interpreter, psycopg, first connection) plus slack for a busy machine.
-LINE_TIMEOUT = 30.0
-
-
-class Child:
-    """A crash_child.py process whose stdout lines arrive on a queue."""
-
-    def __init__(self, url: str, name: str, table: str, mode: str, where: str) -> None:
-        # Closed in cleanup(): the child writes to it for as long as it lives.
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CHILD), url, name, table, mode, where],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        # A reader thread, so waiting for a line can time out instead of blocking forever.
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def stderr(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
-
-    def wait_for(self, prefix: str) -> str:
-        """The first stdout line starting with ``prefix``; fails if the child dies first."""
-        try:
-            while True:
-                line = self._lines.get(timeout=LINE_TIMEOUT)
-                if line is None:
-                    self.proc.wait()
-                    raise AssertionError(
-                        f"child exited ({self.proc.returncode}) before {prefix!r}:\n"
-                        + self.stderr()
-                    )
-                if line.startswith(prefix):
-                    return line
-        except queue.Empty:
-            raise AssertionError(
-                f"child printed no {prefix!r} within {LINE_TIMEOUT}s:\n{self.stderr()}"
-            ) from None
-
-    def sigkill(self) -> None:
-        """A real crash: SIGKILL, then reap it and check it really died of the signal."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        assert self.proc.returncode == -signal.SIGKILL
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr.close()
 
 
 @pytest.fixture
@@ -97,7 +27,7 @@ def spawn() -> Iterator[Any]:
     children: list[Child] = []
 
     def start(url: str, name: str, table: str, mode: str, where: str) -> Child:
-        child = Child(url, name, table, mode, where)
+        child = Child("crash_child.py", url, name, table, mode, where)
         children.append(child)
         return child
 

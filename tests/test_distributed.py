@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 import pymysql
 import pytest
+from procs import rawdb
 
 import twophase
 from twophase import Status
@@ -33,34 +33,7 @@ class Boom(Exception):
 # -- helpers ----------------------------------------------------------------------------
 
 
-def server_prepared(url: str) -> set[str]:
-    """Names twophase has prepared, read from the server directly (not through twophase)."""
-    if url.startswith("postgresql"):
-        with psycopg.connect(url, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
-            ).fetchall()
-        return {gid[3:] for (gid,) in rows if gid.startswith("tp:")}
-    parts = urlsplit(url)
-    conn = pymysql.connect(
-        host=parts.hostname,
-        port=parts.port or 3306,
-        user=unquote(parts.username or "root"),
-        password=unquote(parts.password or ""),
-        database=parts.path.lstrip("/"),
-    )
-    try:
-        with conn.cursor() as cur:
-            cur.execute("XA RECOVER")
-            found = cur.fetchall()
-    finally:
-        conn.close()
-    names = set()
-    for fmt, gtrid_len, bqual_len, data in found:
-        raw = data if isinstance(data, bytes) else str(data).encode()
-        if int(fmt) == XA_FORMAT_ID and int(bqual_len) == 0:
-            names.add(raw[: int(gtrid_len)].decode())
-    return names
+server_prepared = rawdb.prepared_names  # read from the server, not through twophase
 
 
 def rows_of(db: twophase.Database, table: str) -> list[dict[str, Any]]:

@@ -98,12 +98,6 @@ class TxName:
         return TxName(self.full, f"{index}.{deadline}")
 
     @property
-    def branch_index(self) -> int | None:
-        """The branch's index in its global transaction, or None for a plain name."""
-        m = _BRANCH.fullmatch(self.branch) if self.branch else None
-        return int(m.group(1)) if m else None
-
-    @property
     def deadline(self) -> int | None:
         """The branch's deadline in Unix seconds, or None for a plain name."""
         m = _BRANCH.fullmatch(self.branch) if self.branch else None

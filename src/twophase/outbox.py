@@ -305,17 +305,3 @@ class OutboxSQL:
             f"(SELECT SUM(delivered) FROM {self.leases}) AS delivered",
             None,
         )
-
-    def prune(self, older_than_seconds: int, limit: int) -> Statement:
-        """Delete delivered messages older than the given age."""
-        if self._pg:
-            return (
-                f"DELETE FROM {self.outbox} WHERE id IN (SELECT id FROM {self.outbox} "
-                "WHERE state = 1 AND delivered_at < now() - make_interval(secs => %s) LIMIT %s)",
-                (older_than_seconds, limit),
-            )
-        return (
-            f"DELETE FROM {self.outbox} WHERE state = 1 AND "
-            "delivered_at < CURRENT_TIMESTAMP(6) - INTERVAL %s SECOND LIMIT %s",
-            (older_than_seconds, limit),
-        )
