@@ -35,6 +35,7 @@ from psycopg import sql as pgsql
 
 import twophase
 from twophase import DeadlineExceeded, Decision, InDoubt, Status, TransactionRolledBack
+from twophase.observe import AuditLog
 
 PG_URL = os.environ.get("TWOPHASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MY_URL = os.environ.get("TWOPHASE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
@@ -109,12 +110,24 @@ def decision_row(gtrid: str) -> dict[str, Any] | None:
 
 
 def audit_rows(prefix: str) -> list[dict[str, Any]]:
-    return rawdb.query(
+    """The coordinator's audit events (recovery, decisions) of a namespace, on the log DB."""
+    rows = rawdb.query(
         PG_URL,
-        "SELECT gtrid, event, participant, branch, outcome, actor, detail FROM twophase_audit "
-        "WHERE gtrid LIKE %s ORDER BY id",
+        "SELECT name, step, participant, branch, outcome, detail FROM twophase_audit_log "
+        "WHERE name LIKE %s ORDER BY id",
         (prefix + "%",),
     )
+    for r in rows:
+        r["record"] = f"{r['name']}#{r['branch']}" if r["branch"] else r["name"]
+    return rows
+
+
+def flush_audit(coord: twophase.Coordinator) -> None:
+    """Write what the participants' audit logs still queue (they write in batches)."""
+    for db in coord.participants.values():
+        for ob in db.observers:
+            if isinstance(ob, AuditLog):
+                ob.flush()
 
 
 def compensation_rows(prefix: str) -> list[dict[str, Any]]:
@@ -247,7 +260,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 def _connect_all() -> dict[str, twophase.Database]:
-    return {key: twophase.connect(url, pool_max=6) for key, url in URLS.items()}
+    return {key: twophase.connect(url, pool_max=6, audit=True) for key, url in URLS.items()}
 
 
 @pytest.fixture
@@ -266,7 +279,9 @@ def coord(env: Env) -> Iterator[twophase.Coordinator]:
 
 @pytest.fixture
 async def acoord(env: Env) -> AsyncIterator[twophase.AsyncCoordinator]:
-    dbs = {key: await twophase.connect_async(url, pool_max=6) for key, url in URLS.items()}
+    dbs = {
+        key: await twophase.connect_async(url, pool_max=6, audit=True) for key, url in URLS.items()
+    }
     c = twophase.AsyncCoordinator(dbs, log="orders", namespace=env.ns)
 
     @c.on_compensate("co_refund")
@@ -469,11 +484,19 @@ def test_exception_rolls_back_everything_and_compensates(
         (1, "co_refund", "done", 1),
         (2, "co_refund", "done", 1),
     ]
-    events = [(h["event"], h["outcome"]) for h in coord.history("boom")]
-    assert ("rollback", "rolled_back") in events
-    assert events.count(("compensated", "done")) == 2
-    rollback = next(h for h in coord.history("boom") if h["event"] == "rollback")
+    history = coord.history("boom")
+    events = [(h["step"], h["outcome"], h["branch"]) for h in history]
+    assert ("rollback", "rolled_back", None) in events
+    assert events.count(("compensate", "ok", None)) == 2
+    rollback = next(h for h in history if h["step"] == "rollback" and h["branch"] is None)
     assert "RuntimeError" in (rollback["detail"] or "")
+    # Every branch's steps are there too, under one correlation id.
+    assert {(h["participant"], h["step"]) for h in history if h["branch"]} >= {
+        ("test", "begin"),
+        ("test2", "begin"),
+        ("test", "rollback"),
+    }
+    assert len({h["correlation_id"] for h in history if h["step"] != "compensate"}) == 1
 
     # Exactly once: neither the runner nor recovery runs them again.
     assert coord.run_compensations() == 0
@@ -509,7 +532,7 @@ def test_exception_without_compensation_leaves_no_decision(
     assert nothing_prepared(env.prefix)
     # Presumed abort: no row needed.
     assert coord.status("plain_boom") is Decision.NONE
-    assert "rollback" in [h["event"] for h in coord.history("plain_boom")]
+    assert "rollback" in [h["step"] for h in coord.history("plain_boom")]
 
 
 # == 3. a branch failing to prepare ============================================================
@@ -536,7 +559,7 @@ def test_branch_failing_to_prepare_rolls_back_everything(
     assert env.rows() == {"orders": {}, "stock": {}, "billing": {}}
     assert nothing_prepared(env.prefix)
     assert coord.status("bad") is Decision.NONE  # presumed abort
-    rollback = [h for h in coord.history("bad") if h["event"] == "rollback"]
+    rollback = [h for h in coord.history("bad") if h["step"] == "rollback" and not h["branch"]]
     assert len(rollback) == 1 and "prepare" in rollback[0]["detail"]
     # The billing branch had been prepared (concurrently) and was rolled back: tombstone.
     billing_rec = f"{env.gtrid('bad')}#1.{g.deadline}"
@@ -570,7 +593,7 @@ def test_block_outliving_its_deadline(env: Env, coord: twophase.Coordinator, lat
     assert nothing_prepared(env.prefix)
     assert coord.status("slow") in (Decision.NONE, Decision.ROLLED_BACK)
     assert coord.status("slow") is not Decision.COMMITTED
-    assert "rollback" in [h["event"] for h in coord.history("slow")]
+    assert "rollback" in [h["step"] for h in coord.history("slow")]
 
 
 def test_expected_branch_never_prepared(env: Env, coord: twophase.Coordinator) -> None:
@@ -645,7 +668,8 @@ def test_crashed_coordinator_expires_through_recovery(
     assert decision_row(gtrid) is None
     assert coord.status("crashy") is Decision.NONE
     assert [c["state"] for c in coord.compensations("crashy")] == ["pending"]
-    assert coord.history("crashy") == []
+    # Only what the dead child's databases audited before the kill (begin, prepare).
+    assert {h["step"] for h in coord.history("crashy")} <= {"begin", "prepare"}
 
     wait_past(deadline)
     actions, errors = check_report(coord.recover(), env, rolled_back=2, compensations=1)
@@ -666,10 +690,17 @@ def test_crashed_coordinator_expires_through_recovery(
     assert len(env.calls) == 1
 
     history = coord.history("crashy")
-    events = Counter(h["event"] for h in history)
-    assert events == {"expired": 1, "recover_rollback": 2, "compensated": 1}
+    events = Counter(
+        (h["step"], h["outcome"]) for h in history if h["step"] not in ("begin", "prepare")
+    )
+    assert events == {
+        ("expire", "rolled_back"): 1,
+        ("rollback", "rolled_back"): 2,  # the branches, as their databases saw it
+        ("recover", "rolled_back"): 2,
+        ("compensate", "ok"): 1,
+    }
     resolved = {
-        (h["participant"], h["branch"]) for h in history if h["event"] == "recover_rollback"
+        (h["participant"], f"{h['name']}#{h['branch']}") for h in history if h["step"] == "recover"
     }
     assert resolved == {("stock", *before["stock"]), ("billing", *before["billing"])}
     assert [(c["state"], c["attempts"]) for c in coord.compensations("crashy")] == [("done", 1)]
@@ -747,12 +778,10 @@ def test_three_recovery_processes_at_once(env: Env, tmp_path: Path) -> None:
     # Each branch resolved exactly once across the three processes.
     audit = audit_rows(env.prefix)
     resolved = Counter(
-        (a["participant"], a["branch"], a["event"])
-        for a in audit
-        if a["event"] in ("recover_commit", "recover_rollback")
+        (a["participant"], a["record"], a["outcome"]) for a in audit if a["step"] == "recover"
     )
     expected_events = {
-        (p, r, "recover_commit" if r.split(":", 1)[1].startswith("dec") else "recover_rollback")
+        (p, r, "committed" if r.split(":", 1)[1].startswith("dec") else "rolled_back")
         for p, r in branches
     }
     assert set(resolved) == expected_events
@@ -764,7 +793,7 @@ def test_three_recovery_processes_at_once(env: Env, tmp_path: Path) -> None:
     total["errors"] = [e for r in reports for e in r["errors"]]
     _, errors = check_report(total, env, committed=2 * n, rolled_back=2 * n)
     assert errors == []
-    assert Counter(a["gtrid"] for a in audit if a["event"] == "expired") == {
+    assert Counter(a["name"] for a in audit if a["step"] == "expire") == {
         env.gtrid(nm): 1 for nm in expired
     }
 
@@ -804,7 +833,7 @@ def test_participant_down_in_phase2_is_committed_by_recovery(
         parts._replace(netloc=f"{parts.username or 'root'}@127.0.0.1:{proxy.port}")
     )
     dbs = {
-        "orders": twophase.connect(PG_URL, pool_max=4),
+        "orders": twophase.connect(PG_URL, pool_max=4, audit=True),
         "stock": twophase.connect(PG2_URL, pool_max=4),
         "billing": twophase.connect(via_proxy, pool_max=4, timeout=2, retry_timeout=1),
     }
@@ -843,7 +872,7 @@ def test_participant_down_in_phase2_is_committed_by_recovery(
         assert coord.status("cut") is Decision.COMMITTED
         # Never rolled back while unreachable: no tombstone, no rollback event.
         assert outcome_records(MY_URL, env.prefix) == {}
-        assert [h for h in coord.history("cut") if "rollback" in h["event"]] == []
+        assert [h for h in coord.history("cut") if h["outcome"] == "rolled_back"] == []
 
         # Back for good: one recovery pass finishes it, nothing else needed.
         proxy.disarm()
@@ -852,8 +881,14 @@ def test_participant_down_in_phase2_is_committed_by_recovery(
         assert env.rows() == {"orders": {1: "o"}, "stock": {1: "s"}, "billing": {1: "b"}}
         assert nothing_prepared(env.prefix)
         assert outcome_records(MY_URL, env.prefix) == {billing_rec: "committed"}
-        assert [(h["event"], h["participant"], h["branch"]) for h in coord.history("cut")] == [
-            ("recover_commit", "billing", billing_rec)
+        recovered = [
+            (h["outcome"], h["participant"], f"{h['name']}#{h['branch']}")
+            for h in coord.history("cut")
+            if h["step"] == "recover"
+        ]
+        assert recovered == [
+            ("in_doubt", "billing", billing_rec),
+            ("committed", "billing", billing_rec),
         ]
         assert coord.recover().committed == 0
     finally:
@@ -879,6 +914,7 @@ def test_recover_is_idempotent_and_dry_run_changes_nothing(
     wait_past(deadline_of(lapsed_recs))
 
     def snapshot() -> Any:
+        flush_audit(coord)
         return (
             all_prepared(env.prefix),
             decision_row(done),
@@ -1029,7 +1065,7 @@ async def test_recovery_with_a_stale_listing_resolves_each_branch_once(env: Env)
     coords = []
     opened: list[twophase.AsyncDatabase] = []
     for _ in range(2):
-        dbs = {k: await twophase.connect_async(u, pool_max=4) for k, u in URLS.items()}
+        dbs = {k: await twophase.connect_async(u, pool_max=4, audit=True) for k, u in URLS.items()}
         opened.extend(dbs.values())
         coords.append(make())
     first, late = coords
@@ -1052,13 +1088,15 @@ async def test_recovery_with_a_stale_listing_resolves_each_branch_once(env: Env)
         first_report = await first.recover()
         go.set()
         late_report = await asyncio.wait_for(late_pass, 30)
+        for db in opened:
+            await db.close()  # flushes their audit logs
 
         assert nothing_prepared(env.prefix)
         assert env.rows() == {"orders": {1: "race"}, "stock": {1: "race"}, "billing": {1: "race"}}
         resolved = Counter(
-            (a["participant"], a["branch"])
+            (a["participant"], a["record"])
             for a in audit_rows(env.prefix)
-            if a["event"] == "recover_commit"
+            if a["step"] == "recover" and a["outcome"] == "committed"
         )
         assert len(resolved) == 2 and set(resolved.values()) == {1}, resolved
         assert first_report.committed + late_report.committed == 2

@@ -26,6 +26,8 @@ from .errors import (
     UnknownTransaction,
 )
 from .idempotency import fingerprint
+from .observe.events import context
+from .policy import Policy, Rule
 from .protocol import Decision, PreparedTransaction, Status
 from .sql import Rows
 
@@ -50,10 +52,12 @@ __all__ = [
     "NestedTransactionError",
     "NotSupported",
     "PermissionDenied",
+    "Policy",
     "PreparedTransaction",
     "PreparedTransactionsDisabled",
     "RecoveryReport",
     "Rows",
+    "Rule",
     "Status",
     "Transaction",
     "TransactionCommitted",
@@ -64,5 +68,6 @@ __all__ = [
     "__version__",
     "connect",
     "connect_async",
+    "context",
     "fingerprint",
 ]

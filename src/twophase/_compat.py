@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +66,9 @@ def settle(calls: Sequence[Callable[[], T]], limit: int | None = None) -> list[T
             return run
 
         calls = [bound(c) for c in plain]
-    futures = [_executor().submit(c) for c in calls]
+    # Each call sees the caller's context (principal, correlation id, current span), as
+    # asyncio tasks do on the async side.
+    futures = [_executor().submit(contextvars.copy_context().run, c) for c in calls]
     out: list[T | BaseException] = []
     for f in futures:
         try:

@@ -1,4 +1,4 @@
-"""The coordinator's log tables (decisions, compensations, audit) as SQL; no I/O.
+"""The coordinator's log tables (decisions, compensations, expected branches) as SQL; no I/O.
 
 One row per global transaction in ``twophase_decision`` arbitrates its fate. Its primary key
 is the global name, so exactly one of these inserts can ever succeed for a name:
@@ -22,7 +22,6 @@ from .names import TxName
 
 DECISIONS = "twophase_decision"
 COMPENSATIONS = "twophase_compensation"
-AUDIT = "twophase_audit"
 EXPECTED = "twophase_expected"
 
 _REASON = 64  # the reason column's width
@@ -96,7 +95,7 @@ class DecisionLog:
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         q = dialect.sql.quote_ident
-        self.decisions, self.compensations, self.audit = q(DECISIONS), q(COMPENSATIONS), q(AUDIT)
+        self.decisions, self.compensations = q(DECISIONS), q(COMPENSATIONS)
         self.expected = q(EXPECTED)
         self._pg = dialect.name == "postgresql"
 
@@ -119,12 +118,6 @@ class DecisionLog:
                 " attempts int NOT NULL DEFAULT 0, error text,"
                 " updated_at timestamptz NOT NULL DEFAULT now(),"
                 " PRIMARY KEY (gtrid, seq))",
-                f"CREATE TABLE IF NOT EXISTS {self.audit} ("
-                " id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(),"
-                " gtrid varchar(64) NOT NULL, event varchar(32) NOT NULL,"
-                " participant varchar(64), branch varchar(128), outcome varchar(32),"
-                " actor varchar(64), detail text)",
-                f"CREATE INDEX IF NOT EXISTS twophase_audit_gtrid ON {self.audit} (gtrid, id)",
                 f"CREATE TABLE IF NOT EXISTS {self.expected} ("
                 " participant varchar(64) NOT NULL, record varchar(128) NOT NULL,"
                 " gtrid varchar(64) NOT NULL, deadline bigint NOT NULL,"
@@ -147,13 +140,6 @@ class DecisionLog:
             " attempts INT NOT NULL DEFAULT 0, error TEXT,"
             " updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),"
             " PRIMARY KEY (gtrid, seq)) ENGINE=InnoDB",
-            f"CREATE TABLE IF NOT EXISTS {self.audit} ("
-            " id BIGINT AUTO_INCREMENT PRIMARY KEY,"
-            " at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),"
-            f" gtrid {name} NOT NULL, event VARCHAR(32) NOT NULL,"
-            " participant VARCHAR(64), branch VARCHAR(128), outcome VARCHAR(32),"
-            " actor VARCHAR(64), detail TEXT, KEY twophase_audit_gtrid (gtrid, id)"
-            ") ENGINE=InnoDB",
             f"CREATE TABLE IF NOT EXISTS {self.expected} ("
             " participant VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,"
             " record VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,"
@@ -286,42 +272,6 @@ class DecisionLog:
         return (
             f"SELECT seq, handler, payload, state, attempts, error FROM {self.compensations} "
             "WHERE gtrid = %s ORDER BY seq",
-            (gtrid,),
-        )
-
-    # -- audit -------------------------------------------------------------------------
-
-    def record(
-        self,
-        gtrid: str,
-        event: str,
-        *,
-        participant: str | None = None,
-        branch: str | None = None,
-        outcome: str | None = None,
-        actor: str | None = None,
-        detail: str | None = None,
-    ) -> Statement:
-        """One audit event."""
-        return (
-            f"INSERT INTO {self.audit} (gtrid, event, participant, branch, outcome, actor, "
-            "detail) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (gtrid, event, participant, branch, outcome, actor, detail),
-        )
-
-    def record_many(self, events: list[tuple[str, str, str, str, str]]) -> Statement:
-        """Several audit events in one statement: (gtrid, event, participant, branch, actor)."""
-        marks = ", ".join(["(%s, %s, %s, %s, %s)"] * len(events))
-        return (
-            f"INSERT INTO {self.audit} (gtrid, event, participant, branch, actor) VALUES {marks}",
-            tuple(v for e in events for v in e),
-        )
-
-    def history(self, gtrid: str) -> Statement:
-        """The audit events of one transaction, in order."""
-        return (
-            f"SELECT id, at, event, participant, branch, outcome, actor, detail "
-            f"FROM {self.audit} WHERE gtrid = %s ORDER BY id",
             (gtrid,),
         )
 

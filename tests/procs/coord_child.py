@@ -36,7 +36,7 @@ import twophase
 
 
 def make_coordinator(cfg: dict[str, Any], *, pool_max: int = 4) -> twophase.Coordinator:
-    dbs = {k: twophase.connect(u, pool_max=pool_max) for k, u in cfg["urls"].items()}
+    dbs = {k: twophase.connect(u, pool_max=pool_max, audit=True) for k, u in cfg["urls"].items()}
     coord = twophase.Coordinator(dbs, log="orders", namespace=cfg["namespace"], concurrency=4)
     comp_log = cfg["comp_log"]
 

@@ -63,7 +63,7 @@ URLS: dict[str, str] = {"orders": PG_URL, "stock": PG2_URL, "billing": MY_URL}
 
 PG_GID_PREFIX = "tp:"
 XA_FORMAT_ID = 0x7470
-LOG_TABLES = ("twophase_decision", "twophase_audit", "twophase_compensation")
+LOG_TABLES = ("twophase_decision", "twophase_audit_log", "twophase_compensation")
 OUTCOME_TABLE = "twophase_outcome"
 
 
@@ -172,12 +172,12 @@ def purge_namespace(url: str, namespace: str) -> None:
         for table, key in (
             (OUTCOME_TABLE, ("name", "outcome")),
             ("twophase_decision", ("gtrid",)),
-            ("twophase_audit", ("id",)),
+            ("twophase_audit_log", ("id",)),
             ("twophase_compensation", ("gtrid", "seq")),
         ):
             if table not in tables:
                 continue
-            column = "gtrid" if table != OUTCOME_TABLE else "name"
+            column = "gtrid" if table not in (OUTCOME_TABLE, "twophase_audit_log") else "name"
             match = f"left({column}, %s) = %s"
             if pg:
                 cur.execute(f"DELETE FROM {table} WHERE {match}", (len(prefix), prefix))
@@ -211,7 +211,7 @@ def drop_table(url: str, table: str) -> None:
 def connect_all(namespace: str, keys: list[str] | None = None) -> dict[str, twophase.Database]:
     """Sync databases for the participants (all three unless ``keys``)."""
     return {
-        k: twophase.connect(URLS[k], namespace=namespace, pool_min=0, pool_max=8)
+        k: twophase.connect(URLS[k], namespace=namespace, pool_min=0, pool_max=8, audit=True)
         for k in keys or URLS
     }
 

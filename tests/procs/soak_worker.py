@@ -432,13 +432,13 @@ def _check(result: SoakResult, table: str, ctr: str, idlog: Path, log_key: str) 
             result.problems.append(f"{key}: still prepared: {sorted(left)[:5]}")
             result.violations += len(left)
     audit = cc.URLS[log_key]
-    if cc.table_exists(audit, "twophase_audit"):
+    if cc.table_exists(audit, "twophase_audit_log"):
         prefix = f"{ns}:"
         result.recovered_commits = int(
             rawdb.query(
                 audit,
-                "SELECT count(DISTINCT gtrid) AS n FROM twophase_audit "
-                "WHERE event = 'recover_commit' AND left(gtrid, %s) = %s",
+                "SELECT count(DISTINCT name) AS n FROM twophase_audit_log "
+                "WHERE step = 'recover' AND outcome = 'committed' AND left(name, %s) = %s",
                 (len(prefix), prefix),
             )[0]["n"]
         )

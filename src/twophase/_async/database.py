@@ -24,7 +24,10 @@ from ..errors import (
 )
 from ..idempotency import RetrySQL
 from ..names import TxName, validate_namespace
+from ..observe.audit import AuditLog, AuditSQL, normalize_rows
+from ..observe.events import Emitter, Outcome, Step, current_correlation_id, current_principal
 from ..outbox import OutboxSQL, check_topic, encode_payload
+from ..policy import Policy
 from ..protocol import Action, Answer, PreparedTransaction, Status, finish_answer, status_of
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
 from .driver import AsyncConn, AsyncPool, Params
@@ -178,18 +181,38 @@ class AsyncStaged:
     """A claimed, open distributed transaction: staged work that is not prepared yet."""
 
     def __init__(
-        self, db: AsyncDatabase, stack: AsyncExitStack, conn: AsyncConn, name: TxName
+        self,
+        db: AsyncDatabase,
+        stack: AsyncExitStack,
+        conn: AsyncConn,
+        name: TxName,
+        correlation_id: str,
     ) -> None:
         self._db = db
         self._stack = stack
         self._conn = conn
         self.name = name
+        self.correlation_id = correlation_id
         self.tx = AsyncTransaction(db, conn, name)
         #: Set once PREPARE succeeded.
         self.prepared = False
 
     async def prepare(self) -> None:
-        """Prepare the transaction and hand its connection back; on failure roll it back.
+        """Prepare the transaction and hand its connection back; on failure roll it back."""
+        events = self._db._events
+        if not events:
+            return await self._prepare()
+        started = time.time()
+        try:
+            await self._prepare()
+        except BaseException as exc:
+            outcome = Outcome.PREPARED if self.prepared else Outcome.ROLLED_BACK
+            self._db._emit(Step.PREPARE, self.name, outcome, started, self.correlation_id, exc)
+            raise
+        self._db._emit(Step.PREPARE, self.name, Outcome.PREPARED, started, self.correlation_id)
+
+    async def _prepare(self) -> None:
+        """Prepare (see :meth:`prepare`).
 
         Follow-up work after a failure (asking the server, writing the tombstone) happens
         once the connection is back in the pool, so it works even with ``pool_max=1``.
@@ -242,13 +265,23 @@ class AsyncStaged:
             ) from failure
         db._raise(failure, f"could not prepare {str(name)!r}; it was rolled back")
 
-    async def abandon(self) -> None:
+    async def abandon(self, reason: str = "abandoned before prepare") -> None:
         """Roll the transaction back (best effort) and hand its connection back."""
+        started = time.time()
         self.tx._close()
         async with self._stack:
             recorded = await self._db._abandon(self._conn, self.name)
         if not recorded:
             await self._db._record_rollback_quietly(self.name)
+        if self._db._events:
+            self._db._emit(
+                Step.ROLLBACK,
+                self.name,
+                Outcome.ROLLED_BACK,
+                started,
+                self.correlation_id,
+                detail=reason,
+            )
 
 
 class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
@@ -267,6 +300,9 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         namespace: str | None = None,
         display_url: str = "",
         retry_timeout: float = 10.0,
+        principal: str | None = None,
+        policy: Policy | None = None,
+        events: Emitter | None = None,
     ) -> None:
         self._pool = pool
         self.dialect = dialect
@@ -279,6 +315,11 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         self._retry_sql = RetrySQL(dialect)
         self._outbox_sql = OutboxSQL(dialect)
         self._tables_ready: set[str] = set()
+        #: The access policy checked before any SQL of begin/commit/rollback, or None.
+        self.policy = policy
+        self._events = events or Emitter((), label=database, principal=principal)
+        #: The principal used when ``twophase.context(principal=...)`` sets none.
+        self.principal = principal
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -291,8 +332,72 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         await self.close()
 
     async def close(self) -> None:
-        """Close every pooled connection. Prepared transactions stay prepared."""
+        """Close every pooled connection (and flush the audit log). Prepared transactions
+        stay prepared."""
+        for audit in self._audit_logs():
+            await _acompat.to_thread(audit.close)
         await self._pool.close()
+
+    @property
+    def observers(self) -> tuple[Any, ...]:
+        """The observers every step of this database is reported to."""
+        return self._events.observers
+
+    def _audit_logs(self) -> list[AuditLog]:
+        return [ob for ob in self._events.observers if isinstance(ob, AuditLog)]
+
+    # -- observability and access -----------------------------------------------------
+
+    def _emit(
+        self,
+        step: Step,
+        name: TxName,
+        outcome: Outcome,
+        started: float,
+        correlation_id: str,
+        error: BaseException | None = None,
+        *,
+        detail: str | None = None,
+    ) -> None:
+        if error is not None and detail is None:
+            detail = f"{type(error).__name__}: {error}"
+        self._events.emit(
+            step,
+            name.full,
+            outcome,
+            started,
+            correlation_id=correlation_id,
+            branch=name.branch,
+            detail=detail,
+            error=error,
+        )
+
+    def _allow(self, action: str, name: TxName, correlation_id: str) -> None:
+        """Raise PermissionDenied (and audit it) unless the policy allows ``action``."""
+        policy = self.policy
+        if policy is None:
+            return
+        try:
+            policy.check(current_principal(self.principal), action, name.full)
+        except PermissionDenied as exc:
+            self._emit(Step(action), name, Outcome.DENIED, time.time(), correlation_id, exc)
+            raise
+
+    async def history(self, name: str, *, raw: bool = False) -> list[dict[str, Any]]:
+        """The audit events of ``name`` (a transaction, or a global transaction and its
+        branches) recorded in this database, oldest first; see ``twophase.observe.audit``.
+
+        Events this process queued are flushed first, so a caller sees its own steps.
+        ``raw=True`` takes ``name`` as stored (namespace included) instead of adding this
+        database's namespace.
+        """
+        txname = TxName.make(name) if raw else self._name(name)
+        for audit in self._audit_logs():
+            await _acompat.to_thread(audit.flush)
+        sql = AuditSQL(self.dialect)
+        await self._ensure_tables("audit", sql.schema())
+        rows = await self._autocommit(*sql.select(name=txname.full))
+        return normalize_rows(rows, self.dialect)
 
     # -- plain statements -------------------------------------------------------------
 
@@ -414,15 +519,30 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         token = _context.ACTIVE.set(staged.tx)
         try:
             yield staged.tx
-        except BaseException:
-            await staged.abandon()
+        except BaseException as exc:
+            await staged.abandon(f"the block raised {type(exc).__name__}: {exc}")
             raise
         finally:
             _context.ACTIVE.reset(token)
         await staged.prepare()
 
-    async def _stage(self, txname: TxName) -> AsyncStaged:
+    async def _stage(self, txname: TxName, correlation_id: str | None = None) -> AsyncStaged:
         """Open a transaction and claim ``txname`` in it (see Dialect.claim)."""
+        events = self._events
+        cid = correlation_id or (current_correlation_id() if events or self.policy else "")
+        self._allow("begin", txname, cid)
+        if not events:
+            return await self._claim(txname, cid)
+        started = time.time()
+        try:
+            staged = await self._claim(txname, cid)
+        except BaseException as exc:
+            self._emit(Step.BEGIN, txname, Outcome.FAILED, started, cid, exc)
+            raise
+        self._emit(Step.BEGIN, txname, Outcome.OK, started, cid)
+        return staged
+
+    async def _claim(self, txname: TxName, cid: str) -> AsyncStaged:
         await self._ensure_ready(prepare=True)
         dialect = self.dialect
 
@@ -443,7 +563,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         stack = AsyncExitStack()
         claim, abort = dialect.claim(txname), dialect.abort(txname)
         conn = await stack.enter_async_context(self._begun(claim, abort, failed, tpc=True))
-        return AsyncStaged(self, stack, conn, txname)
+        return AsyncStaged(self, stack, conn, txname, cid)
 
     async def begin_distributed(
         self, name: str, fn: Callable[[AsyncTransaction], Awaitable[T]]
@@ -505,9 +625,37 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         """
         await self._finish(Action.ROLLBACK, self._name(name))
 
-    async def _finish(self, action: Action, name: TxName) -> bool:
+    async def _finish(
+        self,
+        action: Action,
+        name: TxName,
+        correlation_id: str | None = None,
+        *,
+        detail: str | None = None,
+    ) -> bool:
         """Commit or roll back ``name``; True if this call did it, False if it was done."""
         self._refuse_nesting(f"{action.value}_distributed()")
+        events = self._events
+        cid = correlation_id or (current_correlation_id() if events or self.policy else "")
+        self._allow(action.value, name, cid)
+        if not events:
+            return await self._finish_retrying(action, name)
+        step = Step(action.value)
+        started = time.time()
+        try:
+            done = await self._finish_retrying(action, name)
+        except BaseException as exc:
+            self._emit(step, name, Outcome.FAILED, started, cid, exc, detail=detail)
+            raise
+        outcome = (
+            Outcome.ALREADY
+            if not done
+            else (Outcome.COMMITTED if action is Action.COMMIT else Outcome.ROLLED_BACK)
+        )
+        self._emit(step, name, outcome, started, cid, detail=detail)
+        return done
+
+    async def _finish_retrying(self, action: Action, name: TxName) -> bool:
         await self._ensure_ready()
         deadline = time.monotonic() + _ATTACHED_WAIT
         delay = 0.01

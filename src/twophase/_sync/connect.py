@@ -4,10 +4,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .. import _compat
 from ..dialects import Dialect, MySQLDialect, PostgresDialect
 from ..errors import DatabaseError, NotSupported
 from ..names import validate_namespace
+from ..observe.audit import AuditLog
+from ..observe.events import Emitter, Observer
+from ..observe.tracing import Tracing
+from ..policy import Policy
 from ..url import parse_url, url_from_env
 from .database import Database
 from .driver import MyPool, PgPool, Pool
@@ -21,14 +27,34 @@ def connect(
     pool_max: int = 20,
     timeout: float = 10.0,
     retry_timeout: float = 10.0,
+    principal: str | None = None,
+    policy: Policy | None = None,
+    audit: bool | AuditLog = False,
+    tracing: bool = False,
+    observers: Sequence[Observer] = (),
+    label: str | None = None,
 ) -> Database:
     """Open a database: PostgreSQL or MariaDB/MySQL by URL, else the embedded PostgreSQL.
 
     ``namespace`` prefixes every transaction name (``ns:name``) so services cannot collide.
     ``timeout`` bounds connecting and waiting for a pooled connection; ``retry_timeout``
     bounds how long retry-safe calls (commit, rollback, status) ride out a lost connection.
+
+    Operating it: ``principal`` is who acts when ``twophase.context(principal=...)`` says
+    nobody; ``policy`` (a ``twophase.policy.Policy``) is checked before any SQL of begin,
+    commit and rollback; ``audit=True`` records every step in this database's
+    ``twophase_audit_log`` (or pass an ``AuditLog`` writing elsewhere); ``tracing=True``
+    emits OpenTelemetry spans; ``observers`` receive every event (metrics, your own).
+    ``label`` names this database in events (default: its database name).
     """
     validate_namespace(namespace)
+    if principal is not None and (not isinstance(principal, str) or not principal):
+        raise ValueError(f"principal must be a non-empty str, got {principal!r}")
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(
+            f"policy must be a twophase.policy.Policy, got {type(policy).__name__}; "
+            "build one with Policy([...]) or Policy.from_file(path)"
+        )
     if pool_min < 0 or pool_max < 1 or pool_min > pool_max:
         raise ValueError(
             f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, {pool_max}"
@@ -39,6 +65,15 @@ def connect(
 
         resolved = _compat.to_thread(ensure_server)
     parsed = parse_url(resolved)
+    chain: list[Observer] = []
+    if isinstance(audit, AuditLog):
+        chain.append(audit)
+    elif audit:
+        chain.append(AuditLog(resolved))
+    if tracing:
+        chain.append(Tracing())
+    chain.extend(observers)
+    events = Emitter(chain, label=label or parsed.database, principal=principal)
     dialect: Dialect
     pool: Pool
     if parsed.dialect == "postgresql":
@@ -64,4 +99,7 @@ def connect(
         namespace=namespace,
         display_url=parsed.display,
         retry_timeout=retry_timeout,
+        principal=principal,
+        policy=policy,
+        events=events,
     )

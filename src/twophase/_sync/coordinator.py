@@ -20,6 +20,7 @@ The protocol (presumed abort; tables in ``protocol.py``, log rows in ``decisions
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -34,11 +35,22 @@ from ..errors import (
     DeadlineExceeded,
     InDoubt,
     NestedTransactionError,
+    PermissionDenied,
     TransactionRolledBack,
     TwoPhaseError,
     UnknownTransaction,
 )
 from ..names import TxName, validate_name, validate_namespace
+from ..observe.audit import AuditLog
+from ..observe.events import (
+    Emitter,
+    Observer,
+    Outcome,
+    Step,
+    current_correlation_id,
+    current_principal,
+)
+from ..policy import Policy
 from ..protocol import Action, Decision, Recovery, Status, recovery_action
 from .database import Database, Staged, Transaction
 from .driver import Conn
@@ -52,10 +64,14 @@ Compensation = Callable[[Any, str], None]
 class GlobalTransaction:
     """One global transaction; made by :meth:`Coordinator.transaction`."""
 
-    def __init__(self, coord: Coordinator, name: TxName, deadline: int) -> None:
+    def __init__(
+        self, coord: Coordinator, name: TxName, deadline: int, correlation_id: str
+    ) -> None:
         self._coord = coord
         self.name = name
         self.deadline = deadline
+        #: Shared by the events of every step of this transaction, branches included.
+        self.correlation_id = correlation_id
         self._staged: list[tuple[str, Staged]] = []
         self._expected: list[PreparedBranch] = []
         self._decision_stack: ExitStack | None = None
@@ -104,7 +120,7 @@ class GlobalTransaction:
             return self._run(self._decision_tx, fn)
         index = self._next_index
         self._next_index += 1
-        staged = db._stage(self.name.with_branch(index, self.deadline))
+        staged = db._stage(self.name.with_branch(index, self.deadline), self.correlation_id)
         self._staged.append((participant, staged))
         return self._run(staged.tx, fn)
 
@@ -162,6 +178,14 @@ class GlobalTransaction:
         coord = self._coord
         self._open = False
         if _expired(self.deadline, time.time()):
+            coord._emit(
+                Step.EXPIRE,
+                self.gtrid,
+                Outcome.ROLLED_BACK,
+                time.time(),
+                self.correlation_id,
+                detail="deadline passed before prepare",
+            )
             self._rollback("deadline passed before prepare")
             raise DeadlineExceeded(f"global transaction {self.gtrid!r} passed its deadline")
         testing.reached("before_prepare")
@@ -179,14 +203,30 @@ class GlobalTransaction:
                 "prepared before the deadline (or was rolled back by its owner)"
             )
         testing.reached("before_decision")
-        if not self._decide():
+        started = time.time()
+        try:
+            decided = self._decide()
+        except BaseException as exc:
+            coord._emit(
+                Step.DECISION, self.gtrid, Outcome.IN_DOUBT, started, self.correlation_id, error=exc
+            )
+            raise
+        coord._emit(
+            Step.DECISION,
+            self.gtrid,
+            Outcome.COMMITTED if decided else Outcome.ROLLED_BACK,
+            started,
+            self.correlation_id,
+            detail=None if decided else "a recovery process decided rollback first",
+        )
+        if not decided:
             self._rollback("a recovery process decided rollback first (deadline)")
             raise DeadlineExceeded(
                 f"global transaction {self.gtrid!r} rolled back: it passed its deadline and "
                 "a recovery process rolled it back before the commit decision"
             )
         testing.reached("after_decision")
-        coord._commit_branches(self.gtrid, self._prepared())
+        coord._commit_branches(self.gtrid, self._prepared(), self.correlation_id)
 
     def _prepared(self) -> list[PreparedBranch]:
         mine = [PreparedBranch(p, s.name) for p, s in self._staged if s.prepared]
@@ -204,7 +244,7 @@ class GlobalTransaction:
                     break
                 testing.reached(f"after_prepare:{n}")
             for _, staged in self._staged[n:] if failures else []:
-                staged.abandon()
+                staged.abandon("another branch failed to prepare")
             return failures
         results = _compat.settle([s.prepare for _, s in self._staged])
         return [r for r in results if isinstance(r, BaseException)]
@@ -308,7 +348,7 @@ class GlobalTransaction:
                 logdb._quietly(self._decision_tx._conn, (logdb.dialect.rollback(),))
             self._decision_tx = None
         staged_open = [s for _, s in self._staged if s.tx._open]
-        _compat.settle([s.abandon for s in staged_open])
+        _compat.settle([_bind(lambda s: s.abandon(reason), s) for s in staged_open])
         logged = True
         if self._pending_row or self._compensations:
             # Recovery and the compensation runner read the decision log; without this row
@@ -326,7 +366,7 @@ class GlobalTransaction:
                 # decision (and runs the compensations) once the log is reachable.
                 logged = False
                 log.warning("could not record the rollback of %s", self.gtrid, exc_info=True)
-        coord._rollback_branches(self.gtrid, self._prepared(), reason)
+        coord._rollback_branches(self.gtrid, self._prepared(), reason, self.correlation_id)
         if self._compensations and logged:
             coord.run_compensations()
 
@@ -346,6 +386,9 @@ class Coordinator:
         log: str,
         namespace: str | None = None,
         concurrency: int = 16,
+        observers: Sequence[Observer] | None = None,
+        principal: str | None = None,
+        policy: Policy | None = None,
     ) -> None:
         if not participants:
             raise ValueError("a coordinator needs at least one participant database")
@@ -363,6 +406,18 @@ class Coordinator:
         self._log = DecisionLog(self._log_db.dialect)
         self._log_ready = False
         self._handlers: dict[str, Compensation] = {}
+        logdb = participants[log]
+        #: Who acts when ``twophase.context(principal=...)`` says nobody.
+        self.principal = principal if principal is not None else logdb.principal
+        #: Checked before a global transaction begins and before recovery.
+        self.policy = policy if policy is not None else logdb.policy
+        # The coordinator's own steps (decision, rollback, expiry, recovery, compensation)
+        # go to these observers; branch steps go to each participant's.
+        self._events = (
+            logdb._events
+            if observers is None
+            else Emitter(observers, label=log, principal=self.principal)
+        )
 
     # -- configuration ----------------------------------------------------------------
 
@@ -405,10 +460,11 @@ class Coordinator:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         _context.refuse_nesting("coordinator.transaction()")
+        txname = TxName.make(name, self.namespace)
+        cid = current_correlation_id()
+        self._allow("begin", txname.full, cid)
         self._ensure_log()
-        g = GlobalTransaction(
-            self, TxName.make(name, self.namespace), int(time.time() + timeout) + 1
-        )
+        g = GlobalTransaction(self, txname, int(time.time() + timeout) + 1, cid)
         try:
             yield g
         except BaseException as exc:
@@ -439,16 +495,31 @@ class Coordinator:
         return Decision(rows[0]["outcome"]) if rows else Decision.NONE
 
     def history(self, name: str) -> list[dict[str, Any]]:
-        """The audit events recorded for a global transaction, oldest first."""
-        self._ensure_log()
+        """The audit events of a global transaction and its branches, oldest first.
+
+        Read from every audit log configured on the coordinator and its participants
+        (``audit=True``), each once; with none, from the log database's table.
+        """
         gtrid = TxName.make(name, self.namespace).full
-        return list(self._log_run(self._log.history(gtrid)))
+        logs: dict[str, AuditLog] = {}
+        for emitter in [self._events, *(db._events for db in self.participants.values())]:
+            for ob in emitter.observers:
+                if isinstance(ob, AuditLog):
+                    logs.setdefault(ob.url, ob)
+        if not logs:
+            return self._log_db.history(gtrid, raw=True)
+        events: list[dict[str, Any]] = []
+        for audit in logs.values():
+            events += _compat.to_thread(functools.partial(audit.history, gtrid))
+        return sorted(events, key=lambda e: (e["at"], e["id"]))
 
     # -- phase 2 and rollback, shared by transactions and recovery ---------------------
 
-    def _commit_branches(self, gtrid: str, branches: Sequence[PreparedBranch]) -> None:
+    def _commit_branches(
+        self, gtrid: str, branches: Sequence[PreparedBranch], correlation_id: str
+    ) -> None:
         def commit(p: PreparedBranch) -> None:
-            self._participant(p.participant)._finish(Action.COMMIT, p.name)
+            self._participant(p.participant)._finish(Action.COMMIT, p.name, correlation_id)
 
         if testing.armed():
             for n, p in enumerate(branches, 1):
@@ -474,18 +545,24 @@ class Coordinator:
             ) from exc
 
     def _rollback_branches(
-        self, gtrid: str, branches: Sequence[PreparedBranch], reason: str
+        self, gtrid: str, branches: Sequence[PreparedBranch], reason: str, correlation_id: str
     ) -> None:
+        started = time.time()
+
         def rollback(p: PreparedBranch) -> None:
             # UnknownTransaction: never prepared (its owner did not get that far).
             with contextlib.suppress(UnknownTransaction):
-                self._participant(p.participant)._finish(Action.ROLLBACK, p.name)
+                self._participant(p.participant)._finish(
+                    Action.ROLLBACK, p.name, correlation_id, detail=reason
+                )
 
         results = _compat.settle([_bind(rollback, p) for p in branches])
         for p, r in zip(branches, results, strict=True):
             if isinstance(r, BaseException):
                 log.warning("rollback of %s on %s failed: %s", p.name, p.participant, r)
-        self._audit(gtrid, "rollback", outcome="rolled_back", detail=reason)
+        self._emit(
+            Step.ROLLBACK, gtrid, Outcome.ROLLED_BACK, started, correlation_id, detail=reason
+        )
 
     # -- recovery ---------------------------------------------------------------------
 
@@ -497,6 +574,8 @@ class Coordinator:
         the transaction's compensations run. Idempotent; any number of processes may run it
         at once: each global transaction is handled by whoever locks its decision row.
         """
+        cid = current_correlation_id()
+        self._allow("recover", "*", cid)
         self._ensure_log()
         report = RecoveryReport()
         found: dict[str, list[PreparedBranch]] = {}
@@ -523,8 +602,8 @@ class Coordinator:
         gtrids = sorted(found)
         for start in range(0, len(gtrids), batch):
             chunk = gtrids[start : start + batch]
-            self._recover_batch(chunk, found, deadlines, report, dry_run)
-        self._recover_pending(report, dry_run, batch)
+            self._recover_batch(chunk, found, deadlines, report, dry_run, cid)
+        self._recover_pending(report, dry_run, batch, cid)
         if not dry_run:
             report.compensations += self.run_compensations()
         return report
@@ -536,12 +615,13 @@ class Coordinator:
         deadlines: dict[str, int],
         report: RecoveryReport,
         dry_run: bool,
+        cid: str,
     ) -> None:
         """Two passes: first make rolled-back decisions durable (committed) for expired
         undecided transactions, then resolve decided ones under row locks. A recovery
         process that dies between the two leaves durable fences, never a rolled-back branch
         whose fence a slow coordinator could still beat."""
-        fenced = set() if dry_run else self._fence_batch(gtrids, found, deadlines)
+        fenced = set() if dry_run else self._fence_batch(gtrids, found, deadlines, cid)
         logdb = self._log_db
         now = time.time()
 
@@ -580,7 +660,7 @@ class Coordinator:
                     report.rolled_back += len(rollbacks)
                     conn.run(dialect.rollback())
                     return
-                self._resolve(commits, rollbacks, report)
+                self._resolve(commits, rollbacks, report, cid)
                 conn.run(dialect.commit())
             except BaseException:
                 logdb._quietly(conn, (dialect.rollback(),))
@@ -591,6 +671,7 @@ class Coordinator:
         gtrids: list[str],
         found: dict[str, list[PreparedBranch]],
         deadlines: dict[str, int],
+        cid: str,
     ) -> set[str]:
         """Commit rolled-back decisions for the expired undecided transactions of a batch;
         the names this process fenced."""
@@ -622,15 +703,19 @@ class Coordinator:
                         sql = self._log.fence(gtrid, deadline, refs, "deadline")
                     if (conn.run(*sql)).rowcount == 1:
                         fenced.add(gtrid)
-                        conn.run(
-                            *self._log.record(
-                                gtrid, "expired", outcome="rolled_back", actor="recover"
-                            )
-                        )
                 conn.run(dialect.commit())
             except BaseException:
                 logdb._quietly(conn, (dialect.rollback(),))
                 raise
+        for gtrid in sorted(fenced):
+            self._emit(
+                Step.EXPIRE,
+                gtrid,
+                Outcome.ROLLED_BACK,
+                now,
+                cid,
+                detail="undecided past its deadline: rollback decided by recovery",
+            )
         return fenced
 
     def _lock_rows(self, conn: Conn, gtrids: list[str]) -> tuple[dict[str, Any], set[str]]:
@@ -669,12 +754,14 @@ class Coordinator:
         commits: list[PreparedBranch],
         rollbacks: list[tuple[str, PreparedBranch]],
         report: RecoveryReport,
+        cid: str,
     ) -> None:
+        started = time.time()
+
         def finish(action: Action, p: PreparedBranch) -> bool:
-            return self._participant(p.participant)._finish(action, p.name)
+            return self._participant(p.participant)._finish(action, p.name, cid, detail="recovery")
 
         work = [(Action.COMMIT, p) for p in commits] + [(Action.ROLLBACK, p) for _, p in rollbacks]
-        done: list[tuple[str, str, str, str, str]] = []
         # A sliding window: a new branch starts as soon as any of the running ones finishes.
         results = _compat.settle([_bind2(finish, a, p) for a, p in work], limit=self.concurrency)
         for (action, p), r in zip(work, results, strict=True):
@@ -683,6 +770,17 @@ class Coordinator:
                     continue  # finished by someone else between listing and now
                 report.in_doubt += 1
                 report.errors.append(f"{action.value} {p.name} on {p.participant}: {r}")
+                self._emit(
+                    Step.RECOVER,
+                    p.name.full,
+                    Outcome.IN_DOUBT,
+                    started,
+                    cid,
+                    participant=p.participant,
+                    branch=p.name.branch,
+                    error=r,
+                    detail=f"{action.value} failed: {r}",
+                )
                 continue
             if r is False:
                 continue  # finished by someone else meanwhile: theirs to count
@@ -690,12 +788,17 @@ class Coordinator:
                 report.committed += 1
             else:
                 report.rolled_back += 1
-            event = f"recover_{action.value}"
-            done.append((p.name.full, event, p.participant, str(p.name), "recover"))
-        for start in range(0, len(done), 500):
-            self._audit_many(done[start : start + 500])
+            self._emit(
+                Step.RECOVER,
+                p.name.full,
+                Outcome.COMMITTED if action is Action.COMMIT else Outcome.ROLLED_BACK,
+                started,
+                cid,
+                participant=p.participant,
+                branch=p.name.branch,
+            )
 
-    def _recover_pending(self, report: RecoveryReport, dry_run: bool, batch: int) -> None:
+    def _recover_pending(self, report: RecoveryReport, dry_run: bool, batch: int, cid: str) -> None:
         """Expected branches of coordinators that died before deciding, past the deadline."""
         logdb = self._log_db
         dialect = logdb.dialect
@@ -708,6 +811,7 @@ class Coordinator:
                 prefix = f"{self.namespace}:" if self.namespace else ""
                 rows = conn.run(*self._log.expired_pending(time.time(), batch, prefix))
                 rollbacks: list[tuple[str, PreparedBranch]] = []
+                expired: list[str] = []
                 for row in rows:
                     for ref in decode_branches(row["branches"]):
                         if ref.participant not in self.participants:
@@ -721,11 +825,7 @@ class Coordinator:
                     if not dry_run:
                         settle = self._log.settle_pending(row["gtrid"], "rolled_back", "deadline")
                         conn.run(*settle)
-                        conn.run(
-                            *self._log.record(
-                                row["gtrid"], "expired", outcome="rolled_back", actor="recover"
-                            )
-                        )
+                        expired.append(row["gtrid"])
                 if dry_run:
                     report.rolled_back += len(rollbacks)
                     conn.run(dialect.rollback())
@@ -735,7 +835,17 @@ class Coordinator:
             except BaseException:
                 logdb._quietly(conn, (dialect.rollback(),))
                 raise
-        self._resolve([], rollbacks, report)
+        now = time.time()
+        for gtrid in expired:
+            self._emit(
+                Step.EXPIRE,
+                gtrid,
+                Outcome.ROLLED_BACK,
+                now,
+                cid,
+                detail="expected branches not decided by the deadline: rolled back",
+            )
+        self._resolve([], rollbacks, report, cid)
 
     def run_compensations(self, *, limit: int = 100) -> int:
         """Run the pending compensations of rolled-back transactions; how many ran.
@@ -747,6 +857,7 @@ class Coordinator:
         logdb = self._log_db
         dialect = logdb.dialect
         ran = 0
+        cid = current_correlation_id() if self._events else ""
 
         def failed(exc: Exception) -> NoReturn:
             logdb._raise(exc, "could not open the decision log")
@@ -763,6 +874,7 @@ class Coordinator:
                         if handler is None:
                             log.warning("no handler %r in this process for %s", row["handler"], key)
                             continue
+                        started = time.time()
                         try:
                             handler(json.loads(row["payload"]), key)
                         except Exception as exc:
@@ -771,19 +883,26 @@ class Coordinator:
                                     row["gtrid"], row["seq"], "pending", repr(exc)
                                 )
                             )
-                            conn.run(
-                                *self._log.record(
-                                    row["gtrid"], "compensation_failed", detail=repr(exc)
-                                )
+                            self._emit(
+                                Step.COMPENSATE,
+                                row["gtrid"],
+                                Outcome.FAILED,
+                                started,
+                                cid,
+                                error=exc,
+                                detail=f"{row['handler']} (#{row['seq']}): {exc!r}",
                             )
                             continue
                         conn.run(
                             *self._log.finish_compensation(row["gtrid"], row["seq"], "done", None)
                         )
-                        conn.run(
-                            *self._log.record(
-                                row["gtrid"], "compensated", outcome="done", detail=row["handler"]
-                            )
+                        self._emit(
+                            Step.COMPENSATE,
+                            row["gtrid"],
+                            Outcome.OK,
+                            started,
+                            cid,
+                            detail=f"{row['handler']} (#{row['seq']})",
                         )
                         ran += 1
                     conn.run(dialect.commit())
@@ -830,18 +949,43 @@ class Coordinator:
         db = self._log_db
         return db._autocommit(stmt[0], stmt[1])
 
-    def _audit_many(self, events: list[tuple[str, str, str, str, str]]) -> None:
-        try:
-            self._log_run(self._log.record_many(events))
-        except TwoPhaseError:
-            log.warning("could not record %d recovery events", len(events), exc_info=True)
+    def _emit(
+        self,
+        step: Step,
+        gtrid: str,
+        outcome: Outcome,
+        started: float,
+        cid: str,
+        *,
+        participant: str | None = None,
+        branch: str | None = None,
+        detail: str | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        if not self._events:
+            return
+        if error is not None and detail is None:
+            detail = f"{type(error).__name__}: {error}"
+        self._events.emit(
+            step,
+            gtrid,
+            outcome,
+            started,
+            correlation_id=cid,
+            participant=participant or self.log_key,
+            branch=branch,
+            detail=detail,
+            error=error,
+        )
 
-    def _audit(self, gtrid: str, event: str, **kw: Any) -> None:
+    def _allow(self, action: str, name: str, cid: str) -> None:
+        if self.policy is None:
+            return
         try:
-            self._log_run(self._log.record(gtrid, event, **kw))
-        except TwoPhaseError:
-            # The audit trail never changes an outcome.
-            log.warning("could not record %s of %s", event, gtrid, exc_info=True)
+            self.policy.check(current_principal(self.principal), action, name)
+        except PermissionDenied as exc:
+            self._emit(Step(action), name, Outcome.DENIED, time.time(), cid, error=exc)
+            raise
 
 
 def _bind(fn: Callable[[Any], None], arg: Any) -> Callable[[], None]:

@@ -1,0 +1,320 @@
+"""The audit trail: every event, written to the ``twophase_audit_log`` table.
+
+:class:`AuditLog` is an observer. By default it queues events and a background thread
+writes them in batches (one multi-row INSERT per batch, at most ``flush_interval`` seconds
+after the step), so the transaction it describes pays no round trip for it. The outcome
+itself never depends on the audit: the outcome and decision rows are the durable truth, and
+a failed audit write is retried, then logged, never raised into the transaction.
+
+What a hard crash can lose: events queued in the last ``flush_interval`` (0.2 s by
+default). ``synchronous=True`` writes each event before the step returns, at the cost of a
+round trip and a commit per step. ``flush()`` waits for everything queued so far;
+``close()`` (also run at interpreter exit and by the database's ``close()``) flushes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import threading
+import time
+import weakref
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ..dialects import Dialect
+from .events import Event
+
+if TYPE_CHECKING:
+    from .._sync.database import Database
+
+log = logging.getLogger("twophase.audit")
+
+TABLE = "twophase_audit_log"
+COLUMNS = (
+    "at",
+    "step",
+    "name",
+    "branch",
+    "participant",
+    "outcome",
+    "duration_ms",
+    "correlation_id",
+    "principal",
+    "detail",
+)
+_DETAIL = 2000  # characters kept of an error or reason
+
+
+class AuditSQL:
+    """The audit table's SQL for one dialect; no I/O."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.table = dialect.sql.quote_ident(TABLE)
+
+    def schema(self) -> tuple[str, ...]:
+        """CREATE TABLE / INDEX IF NOT EXISTS."""
+        t = self.table
+        if self.dialect.name == "postgresql":
+            return (
+                f"CREATE TABLE IF NOT EXISTS {t} ("
+                " id bigserial PRIMARY KEY, at timestamptz NOT NULL,"
+                " step varchar(16) NOT NULL, name varchar(64) NOT NULL, branch varchar(64),"
+                " participant varchar(128), outcome varchar(16) NOT NULL,"
+                " duration_ms double precision NOT NULL, correlation_id varchar(64) NOT NULL,"
+                " principal varchar(128), detail text)",
+                f"CREATE INDEX IF NOT EXISTS twophase_audit_log_name ON {t} (name, id)",
+                f"CREATE INDEX IF NOT EXISTS twophase_audit_log_cid ON {t} (correlation_id)",
+            )
+        ascii_ = "CHARACTER SET ascii COLLATE ascii_bin"
+        return (
+            f"CREATE TABLE IF NOT EXISTS {t} ("
+            " id BIGINT AUTO_INCREMENT PRIMARY KEY, at DATETIME(6) NOT NULL,"
+            f" step VARCHAR(16) NOT NULL, name VARCHAR(64) {ascii_} NOT NULL,"
+            f" branch VARCHAR(64) {ascii_}, participant VARCHAR(128),"
+            " outcome VARCHAR(16) NOT NULL, duration_ms DOUBLE NOT NULL,"
+            " correlation_id VARCHAR(64) NOT NULL, principal VARCHAR(128), detail TEXT,"
+            " KEY twophase_audit_log_name (name, id),"
+            " KEY twophase_audit_log_cid (correlation_id)"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        )
+
+    def insert(self, events: list[Event]) -> tuple[str, tuple[Any, ...]]:
+        """One multi-row INSERT for ``events``."""
+        row = "(" + ", ".join(["%s"] * len(COLUMNS)) + ")"
+        sql = f"INSERT INTO {self.table} ({', '.join(COLUMNS)}) VALUES " + ", ".join(
+            [row] * len(events)
+        )
+        pg = self.dialect.name == "postgresql"
+        params: list[Any] = []
+        for e in events:
+            at = datetime.fromtimestamp(e.started, UTC)
+            params += (
+                at if pg else at.replace(tzinfo=None),  # DATETIME(6) holds UTC
+                e.step.value,
+                e.name,
+                e.branch,
+                _cut(e.participant, 128),
+                e.outcome.value,
+                round(e.duration * 1000, 3),
+                e.correlation_id,
+                _cut(e.principal, 128),
+                _cut(e.detail, _DETAIL),
+            )
+        return sql, tuple(params)
+
+    def select(
+        self, *, name: str | None = None, correlation_id: str | None = None, limit: int = 1000
+    ) -> tuple[str, tuple[Any, ...]]:
+        """Events of one transaction name and/or correlation id, oldest first."""
+        where, params = [], []
+        if name is not None:
+            where.append("name = %s")
+            params.append(name)
+        if correlation_id is not None:
+            where.append("correlation_id = %s")
+            params.append(correlation_id)
+        if not where:
+            raise ValueError("give a transaction name or a correlation id")
+        return (
+            f"SELECT id, {', '.join(COLUMNS)} FROM {self.table} WHERE {' AND '.join(where)} "
+            f"ORDER BY at, id LIMIT {int(limit)}",
+            tuple(params),
+        )
+
+
+def normalize_rows(rows: Any, dialect: Dialect) -> list[dict[str, Any]]:
+    """Audit rows as dicts with timezone-aware ``at`` on every dialect."""
+    out = []
+    for row in rows:
+        item = dict(row)
+        at = item.get("at")
+        if isinstance(at, datetime) and at.tzinfo is None:
+            item["at"] = at.replace(tzinfo=UTC)
+        if item.get("duration_ms") is not None:
+            item["duration_ms"] = float(item["duration_ms"])
+        out.append(item)
+    return out
+
+
+class AuditLog:
+    """An observer writing every event to ``twophase_audit_log`` in the database at ``url``.
+
+    ``url`` is a twophase URL (PostgreSQL or MariaDB/MySQL); ``connect(..., audit=True)``
+    makes one for the database itself. The log opens its own connection, so it works the
+    same under the sync and the async API.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        flush_interval: float = 0.2,
+        max_batch: int = 500,
+        max_queue: int = 100_000,
+        synchronous: bool = False,
+    ) -> None:
+        if flush_interval <= 0 or max_batch < 1 or max_queue < max_batch:
+            raise ValueError("need flush_interval > 0, max_batch >= 1 and max_queue >= max_batch")
+        self.url = url
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.synchronous = synchronous
+        #: Events dropped because the queue overflowed while the database was unreachable.
+        self.dropped = 0
+        self._queue: collections.deque[Event] = collections.deque()
+        self._cond = threading.Condition()
+        self._enqueued = 0
+        self._settled = 0  # events written or dropped
+        self._thread: threading.Thread | None = None
+        self._db: Database | None = None
+        self._sql: AuditSQL | None = None
+        self._closed = False
+        self._write_lock = threading.Lock()
+        _OPEN.add(self)
+
+    def __repr__(self) -> str:
+        return f"<AuditLog {self.url.split('@')[-1]} queued={len(self._queue)}>"
+
+    def __call__(self, event: Event) -> None:
+        if self._closed:
+            return
+        if self.synchronous:
+            try:
+                self._write([event])
+            except Exception:
+                log.warning("could not write an audit event of %s", event.name, exc_info=True)
+            return
+        with self._cond:
+            self._queue.append(event)
+            self._enqueued += 1
+            overflow = len(self._queue) - self.max_queue
+            for _ in range(max(overflow, 0)):
+                self._queue.popleft()
+                self.dropped += 1
+                self._settled += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="twophase-audit", daemon=True
+                )
+                self._thread.start()
+            elif len(self._queue) >= self.max_batch:
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every event queued so far is written; False on timeout."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            target = self._enqueued
+            self._cond.notify_all()
+            while self._settled < target:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush, then stop the writer and close its connection."""
+        if self._closed:
+            return
+        if not self.flush(timeout):
+            log.warning("closing the audit log with %d events unwritten", len(self._queue))
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._write_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        _OPEN.discard(self)
+
+    def history(
+        self, name: str | None = None, *, correlation_id: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Written events of a full transaction name and/or correlation id, oldest first."""
+        self.flush()
+        with self._write_lock:
+            db, sql = self._connection()
+            rows = db._autocommit(
+                *sql.select(name=name, correlation_id=correlation_id, limit=limit)
+            )
+            return normalize_rows(rows, db.dialect)
+
+    # -- the writer ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.flush_interval
+        while True:
+            with self._cond:
+                if not self._queue and not self._closed:
+                    self._cond.wait(self.flush_interval)
+                if self._closed and not self._queue:
+                    return
+                batch = [
+                    self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))
+                ]
+            if not batch:
+                continue
+            try:
+                self._write(batch)
+            except Exception as exc:
+                # Loud once per outage, quiet while it lasts.
+                if delay == self.flush_interval:
+                    log.warning("could not write %d audit events (%s); retrying", len(batch), exc)
+                else:
+                    log.debug("audit write failed again", exc_info=True)
+                with self._cond:
+                    self._queue.extendleft(reversed(batch))
+                    if self._closed:
+                        # close() gave up waiting: count them as lost, loudly.
+                        self.dropped += len(self._queue)
+                        self._settled += len(self._queue)
+                        self._queue.clear()
+                        self._cond.notify_all()
+                        return
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if delay != self.flush_interval:
+                log.warning("audit log writable again")
+            delay = self.flush_interval
+            with self._cond:
+                self._settled += len(batch)
+                self._cond.notify_all()
+
+    def _write(self, events: list[Event]) -> None:
+        with self._write_lock:
+            db, sql = self._connection()
+            db._autocommit(*sql.insert(events))
+
+    def _connection(self) -> tuple[Database, AuditSQL]:
+        if self._db is None or self._sql is None:
+            from .._sync.connect import connect
+
+            db = connect(self.url, pool_min=0, pool_max=1, retry_timeout=2.0)
+            sql = AuditSQL(db.dialect)
+            db._ensure_tables("audit", sql.schema())
+            self._db, self._sql = db, sql
+        return self._db, self._sql
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+_OPEN: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for audit in list(_OPEN):
+        try:
+            audit.close(timeout=5.0)
+        except Exception:
+            log.warning("could not flush %r at exit", audit, exc_info=True)

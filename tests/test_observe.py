@@ -1,0 +1,407 @@
+"""Audit trail, tracing and access control on the real databases, sync and async."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MY_URL, PG_URL
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+import twophase
+from twophase import PermissionDenied, Policy, Rule, Status
+from twophase.observe import AuditLog, Event, Outcome, Step, Tracing
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+def by_name(finished: tuple[ReadableSpan, ...], prefix: str = "twophase.") -> list[str]:
+    return [s.name for s in finished if s.name.startswith(prefix)]
+
+
+# == tracing =====================================================================================
+
+
+def test_spans_for_a_commit_parented_to_the_callers_span(
+    url: str, table: str, txname: str, spans: Any
+) -> None:
+    provider, exporter = spans
+    tracer = provider.get_tracer("app")
+    with twophase.connect(url, observers=[Tracing(provider)], principal="svc") as db:
+        with tracer.start_as_current_span("request") as request:
+            db.begin_distributed(txname, lambda tx: tx.insert_into(table).values(id=1).execute())
+            db.commit_distributed(txname)
+        finished = exporter.get_finished_spans()
+    assert by_name(finished) == ["twophase.begin", "twophase.prepare", "twophase.commit"]
+    request_ctx = request.get_span_context()
+    for span in finished[:3]:
+        assert span.parent is not None and span.parent.span_id == request_ctx.span_id
+        assert span.context.trace_id == request_ctx.trace_id
+        assert span.attributes is not None
+        assert span.attributes["twophase.name"] == txname
+        assert span.attributes["twophase.participant"] == "test"
+        assert span.attributes["enduser.id"] == "svc"
+        assert span.status.status_code is StatusCode.UNSET
+        assert span.start_time is not None and span.end_time is not None
+        assert span.end_time >= span.start_time
+    outcomes = [s.attributes["twophase.outcome"] for s in finished[:3] if s.attributes]
+    assert outcomes == ["ok", "prepared", "committed"]
+    # One correlation id for the begin (and its prepare), one for the later commit call.
+    cids = [s.attributes["twophase.correlation_id"] for s in finished[:3] if s.attributes]
+    assert cids[0] == cids[1] != cids[2]
+
+
+async def test_async_spans_for_a_failing_callback_and_a_bad_commit(
+    url: str, table: str, txname: str, spans: Any
+) -> None:
+    provider, exporter = spans
+
+    async def fails(tx: twophase.AsyncTransaction) -> None:
+        await tx.insert_into(table).values(id=1).execute()
+        raise RuntimeError("worker failed")
+
+    db = await twophase.connect_async(url, observers=[Tracing(provider)])
+    try:
+        with pytest.raises(RuntimeError):
+            await db.begin_distributed(txname, fails)
+        with pytest.raises(twophase.TransactionRolledBack):
+            await db.commit_distributed(txname)
+    finally:
+        await db.close()
+    finished = exporter.get_finished_spans()
+    assert by_name(finished) == ["twophase.begin", "twophase.rollback", "twophase.commit"]
+    _, rollback, commit = finished
+    assert rollback.attributes and rollback.attributes["twophase.outcome"] == "rolled_back"
+    assert commit.status.status_code is StatusCode.ERROR
+    assert commit.attributes and commit.attributes["twophase.outcome"] == "failed"
+    assert [e.name for e in commit.events] == ["exception"]
+
+
+def test_coordinator_spans_share_one_trace_and_correlation_id(spans: Any) -> None:
+    provider, exporter = spans
+    tracer = provider.get_tracer("app")
+    obs = [Tracing(provider)]
+    dbs = {
+        "orders": twophase.connect(PG_URL, observers=obs),
+        "billing": twophase.connect(MY_URL, observers=obs),
+    }
+    coord = twophase.Coordinator(dbs, log="orders", namespace="obs_" + uuid_hex())
+    try:
+        with tracer.start_as_current_span("checkout") as parent, coord.transaction("g1") as g:
+            g.enlist("orders", lambda tx: tx.execute("SELECT 1"))
+            g.enlist("billing", lambda tx: tx.execute("SELECT 1"))
+    finally:
+        for d in dbs.values():
+            d.close()
+    finished = [s for s in exporter.get_finished_spans() if s.name.startswith("twophase.")]
+    names = sorted(s.name for s in finished)
+    # The log participant's branch is the decision branch: no begin/prepare of its own.
+    assert names == [
+        "twophase.begin",
+        "twophase.commit",
+        "twophase.decision",
+        "twophase.prepare",
+    ]
+    assert {s.context.trace_id for s in finished} == {parent.get_span_context().trace_id}
+    assert len({s.attributes["twophase.correlation_id"] for s in finished if s.attributes}) == 1
+
+
+def test_tracing_is_a_noop_without_opentelemetry() -> None:
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "from twophase.observe import Tracing\n"
+        "t = Tracing(); print(t.enabled)\n"
+        "import twophase, time\n"
+        "from twophase.observe import Event, Step, Outcome\n"
+        "t(Event(Step.BEGIN, 'x', Outcome.OK, time.time(), 0.0, 'c'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False"
+
+
+# == audit =======================================================================================
+
+
+def test_audit_records_every_step_with_who_and_why(url: str, table: str, txname: str) -> None:
+    with twophase.connect(url, audit=True, principal="orders-svc") as db:
+        with twophase.context(correlation_id="req-7"):
+            db.begin_distributed(txname, lambda tx: tx.insert_into(table).values(id=1).execute())
+        with twophase.context(principal="oncall", correlation_id="req-8"):
+            db.commit_distributed(txname)
+            db.commit_distributed(txname)  # a retry: already committed
+        history = db.history(txname)
+    assert [(h["step"], h["outcome"], h["principal"], h["correlation_id"]) for h in history] == [
+        ("begin", "ok", "orders-svc", "req-7"),
+        ("prepare", "prepared", "orders-svc", "req-7"),
+        ("commit", "committed", "oncall", "req-8"),
+        ("commit", "already", "oncall", "req-8"),
+    ]
+    for h in history:
+        assert h["name"] == txname and h["participant"] == "test" and h["branch"] is None
+        assert h["duration_ms"] >= 0 and h["at"].tzinfo is not None
+    assert history[0]["at"] <= history[1]["at"] <= history[2]["at"]
+
+
+async def test_async_audit_of_a_rollback_and_a_failing_callback(
+    url: str, table: str, txname: str
+) -> None:
+    db = await twophase.connect_async(url, audit=True)
+    try:
+
+        async def fails(tx: twophase.AsyncTransaction) -> None:
+            raise ValueError("no stock")
+
+        with pytest.raises(ValueError):
+            await db.begin_distributed(txname, fails)
+        await db.begin_distributed(txname + "b", lambda tx: tx.execute("SELECT 1"))
+        await db.rollback_distributed(txname + "b")
+        first, second = await db.history(txname), await db.history(txname + "b")
+    finally:
+        await db.close()
+    assert [(h["step"], h["outcome"]) for h in first] == [
+        ("begin", "ok"),
+        ("rollback", "rolled_back"),
+    ]
+    assert "ValueError: no stock" in first[1]["detail"]
+    assert [(h["step"], h["outcome"]) for h in second] == [
+        ("begin", "ok"),
+        ("prepare", "prepared"),
+        ("rollback", "rolled_back"),
+    ]
+    # No principal configured: recorded as such, not invented.
+    assert {h["principal"] for h in first + second} == {None}
+
+
+def test_audit_outage_never_changes_the_outcome(url: str, table: str, txname: str) -> None:
+    dead = AuditLog("postgresql://postgres@127.0.0.1:9/nowhere", flush_interval=0.05)
+    with twophase.connect(url, observers=[dead]) as db:
+        db.begin_distributed(txname, lambda tx: tx.insert_into(table).values(id=1).execute())
+        db.commit_distributed(txname)
+        assert db.status(txname) is Status.COMMITTED
+        assert list(db.select_from(table).execute()) == [{"id": 1, "status": None}]
+        assert dead.flush(timeout=0.2) is False  # still trying, in the background
+    dead.close(timeout=0.1)
+
+
+def test_synchronous_audit_is_written_before_the_step_returns(url: str, txname: str) -> None:
+    audit = AuditLog(url, synchronous=True)
+    with twophase.connect(url, observers=[audit]) as db:
+        db.begin_distributed(txname, lambda tx: tx.execute("SELECT 1"))
+        # Read through another connection, without flushing anything.
+        with twophase.connect(url) as other:
+            steps = [h["step"] for h in other.history(txname)]
+        db.rollback_distributed(txname)
+    assert steps == ["begin", "prepare"]
+
+
+def test_observer_errors_are_contained(url: str, txname: str) -> None:
+    seen: list[Event] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("observer bug")
+
+    with twophase.connect(url, observers=[broken, seen.append]) as db:
+        db.begin_distributed(txname, lambda tx: tx.execute("SELECT 1"))
+        db.commit_distributed(txname)
+    assert [e.step for e in seen] == [Step.BEGIN, Step.PREPARE, Step.COMMIT]
+    assert [e.outcome for e in seen] == [Outcome.OK, Outcome.PREPARED, Outcome.COMMITTED]
+
+
+def test_bad_observability_options_fail_before_connecting() -> None:
+    with pytest.raises(TypeError, match="observers must be callables"):
+        twophase.connect("postgresql://postgres@127.0.0.1:9/x", observers=["audit"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="Policy"):
+        twophase.connect("postgresql://postgres@127.0.0.1:9/x", policy={"rule": []})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="principal"):
+        twophase.connect("postgresql://postgres@127.0.0.1:9/x", principal="")
+    with (
+        pytest.raises(ValueError, match="correlation_id"),
+        twophase.context(correlation_id="x" * 65),
+    ):
+        pass
+
+
+# == access control ==============================================================================
+
+POLICY = Policy(
+    [
+        Rule(principals=["billing-*"], actions=["begin", "commit"], names=["billing:*"]),
+        Rule(principals=["oncall"], actions=["commit", "rollback", "recover"], names=["*"]),
+        Rule(principals=["*"], actions=["rollback"], names=["billing:locked-*"], effect="deny"),
+    ]
+)
+PRINCIPALS = ["billing-api", "oncall", "intruder", None]
+ACTIONS = ["begin", "commit", "rollback", "recover"]
+NAMES = ["billing:inv-1", "billing:locked-9", "orders:o-1"]
+ALLOWED = {
+    ("billing-api", "begin", "billing:inv-1"),
+    ("billing-api", "begin", "billing:locked-9"),
+    ("billing-api", "commit", "billing:inv-1"),
+    ("billing-api", "commit", "billing:locked-9"),
+    ("oncall", "commit", "billing:inv-1"),
+    ("oncall", "commit", "billing:locked-9"),
+    ("oncall", "commit", "orders:o-1"),
+    ("oncall", "commit", "*"),
+    ("oncall", "rollback", "*"),
+    ("oncall", "rollback", "billing:inv-1"),
+    ("oncall", "rollback", "orders:o-1"),
+    # recover is checked against "*": only the rule whose names include "*" grants it.
+    ("oncall", "recover", "*"),
+    *(("oncall", "recover", n) for n in NAMES),
+}
+
+
+def test_policy_matrix() -> None:
+    for principal, action, name in product(PRINCIPALS, ACTIONS, [*NAMES, "*"]):
+        want = (principal, action, name) in ALLOWED
+        assert POLICY.allows(principal, action, name) is want, (principal, action, name)
+        if not want:
+            with pytest.raises(PermissionDenied):
+                POLICY.check(principal, action, name)
+
+
+def test_policy_from_toml_and_json_files_agree(tmp_path: Path) -> None:
+    rules = [
+        {"principals": ["billing-*"], "actions": ["begin", "commit"], "names": ["billing:*"]},
+        {"principals": ["oncall"], "actions": ["commit", "rollback", "recover"], "names": ["*"]},
+        {
+            "principals": ["*"],
+            "actions": ["rollback"],
+            "names": ["billing:locked-*"],
+            "effect": "deny",
+        },
+    ]
+    (tmp_path / "p.json").write_text(json.dumps({"rule": rules}))
+    toml = "".join(
+        "[[rule]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in r.items()) for r in rules
+    )
+    (tmp_path / "p.toml").write_text(toml)
+    for path in ("p.json", "p.toml"):
+        loaded = Policy.from_file(tmp_path / path)
+        for combo in product(PRINCIPALS, ACTIONS, [*NAMES, "*"]):
+            assert loaded.allows(*combo) is POLICY.allows(*combo), (path, combo)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('[[rule]]\nprincipals = ["a"]\nactions = ["launch"]\n', "unknown action"),
+        ('[[rule]]\nprincipals = ["a"]\nactions = ["begin"]\nwho = 1\n', "unknown key"),
+        ('[[rule]]\nactions = ["begin"]\n', "missing"),
+        ('[[rule]]\nprincipals = []\nactions = ["begin"]\n', "non-empty"),
+        ('[[rule]]\nprincipals = ["a"]\nactions = ["begin"]\neffect = "maybe"\n', "effect"),
+        ("[rules]\n", "rule"),
+        ("not = [toml", "not valid TOML"),
+    ],
+)
+def test_bad_policy_files_name_the_problem(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=problem):
+        Policy.from_file(path)
+
+
+def test_denied_commit_leaves_the_transaction_prepared_and_untouched(
+    url: str, table: str, txname: str
+) -> None:
+    name = f"billing:{txname}"
+    seen: list[Event] = []
+    with twophase.connect(url, policy=POLICY, audit=True, observers=[seen.append]) as db:
+        with twophase.context(principal="billing-api"):
+            db.begin_distributed(name, lambda tx: tx.insert_into(table).values(id=1).execute())
+        before = len(seen)
+        with twophase.context(principal="intruder"), pytest.raises(PermissionDenied) as err:
+            db.commit_distributed(name)
+        assert "intruder" in str(err.value) and "add a rule" in str(err.value)
+        with pytest.raises(PermissionDenied, match="no principal"):
+            db.rollback_distributed(name)
+        # Refused before any SQL: only the two denial events, and the data is untouched.
+        assert [(e.step, e.outcome, e.principal) for e in seen[before:]] == [
+            (Step.COMMIT, Outcome.DENIED, "intruder"),
+            (Step.ROLLBACK, Outcome.DENIED, None),
+        ]
+        with twophase.connect(url) as plain:
+            assert plain.status(name) is Status.PREPARED
+            assert list(plain.select_from(table).execute()) == []
+        with twophase.context(principal="oncall"):
+            db.commit_distributed(name)
+        assert db.status(name) is Status.COMMITTED
+        steps = [(h["step"], h["outcome"], h["principal"]) for h in db.history(name)]
+    assert steps == [
+        ("begin", "ok", "billing-api"),
+        ("prepare", "prepared", "billing-api"),
+        ("commit", "denied", "intruder"),
+        ("rollback", "denied", None),
+        ("commit", "committed", "oncall"),
+    ]
+
+
+async def test_async_denied_begin_writes_nothing(url: str, table: str, txname: str) -> None:
+    db = await twophase.connect_async(url, policy=POLICY, principal="billing-api")
+    try:
+        with pytest.raises(PermissionDenied):
+            await db.begin_distributed(
+                f"orders:{txname}", lambda tx: tx.insert_into(table).values(id=1).execute()
+            )
+        assert await db.status(f"orders:{txname}") is Status.UNKNOWN
+        assert list(await db.select_from(table).execute()) == []
+    finally:
+        await db.close()
+
+
+def test_coordinator_checks_begin_and_recover() -> None:
+    ns = "pol_" + uuid_hex()
+    policy = Policy(
+        [
+            Rule(principals=["svc"], actions=["begin", "commit"], names=[f"{ns}:*"]),
+            Rule(principals=["oncall"], actions=["recover", "commit", "rollback"], names=["*"]),
+        ]
+    )
+    seen: list[Event] = []
+    dbs = {
+        "orders": twophase.connect(PG_URL, policy=policy, observers=[seen.append]),
+        "billing": twophase.connect(MY_URL, policy=policy),
+    }
+    coord = twophase.Coordinator(dbs, log="orders", namespace=ns)
+    try:
+        with twophase.context(principal="svc"), coord.transaction("ok") as g:
+            g.enlist("billing", lambda tx: tx.execute("SELECT 1"))
+        with twophase.context(principal="svc"), pytest.raises(PermissionDenied):
+            coord.recover()
+        with twophase.context(principal="oncall"):
+            coord.recover()
+        with (
+            twophase.context(principal="intruder"),
+            pytest.raises(PermissionDenied),
+            coord.transaction("nope"),
+        ):
+            pass
+    finally:
+        for d in dbs.values():
+            d.close()
+    denied = [(e.step, e.name, e.principal) for e in seen if e.outcome is Outcome.DENIED]
+    assert denied == [(Step.RECOVER, "*", "svc"), (Step.BEGIN, f"{ns}:nope", "intruder")]
+
+
+def uuid_hex() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:10]
