@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from opentelemetry.trace import StatusCode
 
 import twophase
 from twophase import PermissionDenied, Policy, Rule, Status
+from twophase.names import TxName
 from twophase.observe import AuditLog, Event, Outcome, Step, Tracing
+from twophase.protocol import Action
 
 
 @pytest.fixture
@@ -405,3 +409,47 @@ def uuid_hex() -> str:
     import uuid
 
     return uuid.uuid4().hex[:10]
+
+
+# == reaping =====================================================================================
+
+
+def test_reap_rolls_back_only_old_plain_transactions(url: str) -> None:
+    ns = "reap_" + uuid_hex()
+    seen: list[Event] = []
+    policy = Policy([Rule(principals=["janitor"], actions=["reap", "begin"], names=["*"])])
+    with twophase.connect(url, namespace=ns, observers=[seen.append], policy=policy) as db:
+        with twophase.context(principal="janitor"):
+            db.begin_distributed("old", lambda tx: tx.execute("SELECT 1"))
+            # A global transaction's branch, left prepared: reap must not touch it.
+            branch = TxName.make("g", ns).with_branch(1, int(time.time()) + 3600)
+            db._stage(branch).prepare()
+            time.sleep(1.5)  # a clear age gap between "old" and "young"
+            db.begin_distributed("young", lambda tx: tx.execute("SELECT 1"))
+
+            def between() -> timedelta:
+                ages = {p.name: p.age for p in db.prepared()}
+                assert ages["old"] and ages["young"]
+                return (ages["old"] + ages["young"]) / 2
+
+            assert [p.name for p in db.reap(between(), dry_run=True)] == ["old"]
+            assert {p.name for p in db.prepared()} == {"old", "young", "g"}
+            cutoff = between()
+            assert [p.name for p in db.reap(cutoff)] == ["old"]
+            assert db.reap(cutoff) == []
+            assert db.status("old") is Status.ROLLED_BACK
+        with pytest.raises(PermissionDenied), twophase.context(principal="intern"):
+            db.reap(cutoff)
+        with pytest.raises(ValueError, match="timedelta"):
+            db.reap(5)  # type: ignore[arg-type]
+        with twophase.context(principal="janitor"):
+            assert [p.name for p in db.reap(timedelta(0))] == ["young"]
+            assert [(p.name, p.branch) for p in db.prepared()] == [("g", branch.branch)]
+        db.policy = None  # clean up the branch by hand
+        db._finish(Action.ROLLBACK, branch)
+    reaps = [(e.name, e.outcome) for e in seen if e.step is Step.REAP]
+    assert reaps == [
+        (f"{ns}:old", Outcome.ROLLED_BACK),
+        ("*", Outcome.DENIED),
+        (f"{ns}:young", Outcome.ROLLED_BACK),
+    ]

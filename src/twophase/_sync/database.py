@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 from .. import _compat, _context
@@ -21,8 +22,10 @@ from ..errors import (
     NotSupported,
     PermissionDenied,
     PreparedTransactionsDisabled,
+    TransactionCommitted,
     TransactionNameInUse,
     TwoPhaseError,
+    UnknownTransaction,
 )
 from ..idempotency import RetrySQL
 from ..names import TxName, validate_namespace
@@ -707,6 +710,65 @@ class Database(QueryMethods[Rows, Row | None]):
             conn.run(*dialect.record_rollback(name))
         log.debug("%s %s", action.value, name)
         return Answer.DONE
+
+    def reap(self, older_than: timedelta, *, dry_run: bool = False) -> list[PreparedTransaction]:
+        """Roll back this namespace's prepared transactions older than ``older_than``.
+
+        For transactions whose owner will never come back (a crashed process, a lost
+        name). Branches of global transactions are left alone: ``recover()`` resolves
+        them by their decision and deadline. Returns the transactions rolled back (with
+        ``dry_run``, those that would be), oldest first; one finished meanwhile by someone
+        else is skipped. The policy must grant ``reap`` (checked against the name ``*``).
+        """
+        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+            raise ValueError(
+                f"older_than must be a non-negative datetime.timedelta, got {older_than!r}"
+            )
+        self._refuse_nesting("reap()")
+        cid = current_correlation_id()
+        if self.policy is not None:
+            try:
+                self.policy.check(current_principal(self.principal), "reap", "*")
+            except PermissionDenied as exc:
+                self._events.emit(
+                    Step.REAP,
+                    "*",
+                    Outcome.DENIED,
+                    time.time(),
+                    correlation_id=cid,
+                    detail=str(exc),
+                    error=exc,
+                )
+                raise
+        now = datetime.now(UTC)
+        stale = [
+            p
+            for p in self.prepared()
+            if p.branch is None and p.prepared_at is not None and now - p.prepared_at > older_than
+        ]
+        if dry_run:
+            return stale
+        reaped = []
+        for p in stale:
+            name = TxName.make(p.full_name)
+            started = time.time()
+            try:
+                done = self._finish_retrying(Action.ROLLBACK, name)
+            except (TransactionCommitted, UnknownTransaction):
+                continue  # finished by its owner between the listing and now
+            if not done:
+                continue
+            reaped.append(p)
+            if self._events:
+                self._emit(
+                    Step.REAP,
+                    name,
+                    Outcome.ROLLED_BACK,
+                    started,
+                    cid,
+                    detail=f"prepared {p.age} ago, older than {older_than}",
+                )
+        return reaped
 
     def status(self, name: str) -> Status:
         """``prepared``, ``committed``, ``rolled_back`` or ``unknown`` (see ``protocol``)."""
