@@ -376,6 +376,7 @@ def test_coordinator_checks_begin_and_recover() -> None:
     policy = Policy(
         [
             Rule(principals=["svc"], actions=["begin", "commit"], names=[f"{ns}:*"]),
+            Rule(principals=["half"], actions=["begin"], names=[f"{ns}:*"]),
             Rule(principals=["oncall"], actions=["recover", "commit", "rollback"], names=["*"]),
         ]
     )
@@ -392,6 +393,14 @@ def test_coordinator_checks_begin_and_recover() -> None:
             coord.recover()
         with twophase.context(principal="oncall"):
             coord.recover()
+        ran = []
+        with (
+            twophase.context(principal="half"),
+            pytest.raises(PermissionDenied, match="commit"),
+            coord.transaction("half"),
+        ):
+            ran.append(1)  # never: the block would commit, so it is refused up front
+        assert ran == []
         with (
             twophase.context(principal="intruder"),
             pytest.raises(PermissionDenied),
@@ -402,7 +411,11 @@ def test_coordinator_checks_begin_and_recover() -> None:
         for d in dbs.values():
             d.close()
     denied = [(e.step, e.name, e.principal) for e in seen if e.outcome is Outcome.DENIED]
-    assert denied == [(Step.RECOVER, "*", "svc"), (Step.BEGIN, f"{ns}:nope", "intruder")]
+    assert denied == [
+        (Step.RECOVER, "*", "svc"),
+        (Step.COMMIT, f"{ns}:half", "half"),
+        (Step.BEGIN, f"{ns}:nope", "intruder"),
+    ]
 
 
 def uuid_hex() -> str:

@@ -64,10 +64,12 @@ async def connect_async(
         resolved = await _acompat.to_thread(ensure_server)
     parsed = parse_url(resolved)
     chain: list[Observer] = []
+    owned: list[AuditLog] = []
     if isinstance(audit, AuditLog):
         chain.append(audit)
     elif audit:
-        chain.append(AuditLog(resolved))
+        owned.append(AuditLog(resolved))
+        chain.append(owned[0])
     if tracing:
         chain.append(Tracing())
     chain.extend(observers)
@@ -100,4 +102,5 @@ async def connect_async(
         principal=principal,
         policy=policy,
         events=events,
+        owned=owned,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -306,6 +306,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         principal: str | None = None,
         policy: Policy | None = None,
         events: Emitter | None = None,
+        owned: Sequence[AuditLog] = (),
     ) -> None:
         self._pool = pool
         self.dialect = dialect
@@ -323,6 +324,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         self._events = events or Emitter((), label=database, principal=principal)
         #: The principal used when ``twophase.context(principal=...)`` sets none.
         self.principal = principal
+        self._owned = tuple(owned)  # made by connect(audit=True): closed with this database
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -338,7 +340,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         """Close every pooled connection (and flush the audit log). Prepared transactions
         stay prepared."""
         for audit in self._audit_logs():
-            await _acompat.to_thread(audit.close)
+            # One given by the caller may serve other databases too: flush, do not close.
+            await _acompat.to_thread(audit.close if audit in self._owned else audit.flush)
         await self._pool.close()
 
     @property
@@ -375,16 +378,22 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
             error=error,
         )
 
-    def _allow(self, action: str, name: TxName, correlation_id: str) -> None:
-        """Raise PermissionDenied (and audit it) unless the policy allows ``action``."""
+    def _authorize(self, action: str, name: TxName) -> str:
+        """The correlation id of a public call, once the policy allows ``action``.
+
+        Only the public entry points check: a coordinator's own steps on its branches were
+        authorized when its transaction or recovery began. A denial is audited, then raised.
+        """
+        cid = current_correlation_id() if self._events or self.policy else ""
         policy = self.policy
         if policy is None:
-            return
+            return cid
         try:
             policy.check(current_principal(self.principal), action, name.full)
         except PermissionDenied as exc:
-            self._emit(Step(action), name, Outcome.DENIED, time.time(), correlation_id, exc)
+            self._emit(Step(action), name, Outcome.DENIED, time.time(), cid, exc)
             raise
+        return cid
 
     async def history(self, name: str, *, raw: bool = False) -> list[dict[str, Any]]:
         """The audit events of ``name`` (a transaction, or a global transaction and its
@@ -518,7 +527,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         """
         txname = self._name(name)
         self._refuse_nesting("distributed()")
-        staged = await self._stage(txname)
+        staged = await self._stage(txname, self._authorize("begin", txname))
         token = _context.ACTIVE.set(staged.tx)
         try:
             yield staged.tx
@@ -532,8 +541,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
     async def _stage(self, txname: TxName, correlation_id: str | None = None) -> AsyncStaged:
         """Open a transaction and claim ``txname`` in it (see Dialect.claim)."""
         events = self._events
-        cid = correlation_id or (current_correlation_id() if events or self.policy else "")
-        self._allow("begin", txname, cid)
+        cid = correlation_id or (current_correlation_id() if events else "")
         if not events:
             return await self._claim(txname, cid)
         started = time.time()
@@ -617,7 +625,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         ``TransactionRolledBack`` if it was rolled back, ``UnknownTransaction`` if the
         database never saw it.
         """
-        await self._finish(Action.COMMIT, self._name(name))
+        txname = self._name(name)
+        await self._finish(Action.COMMIT, txname, self._authorize("commit", txname))
 
     async def rollback_distributed(self, name: str) -> None:
         """Roll back the prepared transaction ``name``, from any process. Safe to retry.
@@ -626,7 +635,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         ``TransactionCommitted`` if it was committed, ``UnknownTransaction`` if the
         database never saw it.
         """
-        await self._finish(Action.ROLLBACK, self._name(name))
+        txname = self._name(name)
+        await self._finish(Action.ROLLBACK, txname, self._authorize("rollback", txname))
 
     async def _finish(
         self,
@@ -639,8 +649,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         """Commit or roll back ``name``; True if this call did it, False if it was done."""
         self._refuse_nesting(f"{action.value}_distributed()")
         events = self._events
-        cid = correlation_id or (current_correlation_id() if events or self.policy else "")
-        self._allow(action.value, name, cid)
+        cid = correlation_id or (current_correlation_id() if events else "")
         if not events:
             return await self._finish_retrying(action, name)
         step = Step(action.value)

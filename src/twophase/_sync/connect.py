@@ -66,10 +66,12 @@ def connect(
         resolved = _compat.to_thread(ensure_server)
     parsed = parse_url(resolved)
     chain: list[Observer] = []
+    owned: list[AuditLog] = []
     if isinstance(audit, AuditLog):
         chain.append(audit)
     elif audit:
-        chain.append(AuditLog(resolved))
+        owned.append(AuditLog(resolved))
+        chain.append(owned[0])
     if tracing:
         chain.append(Tracing())
     chain.extend(observers)
@@ -102,4 +104,5 @@ def connect(
         principal=principal,
         policy=policy,
         events=events,
+        owned=owned,
     )

@@ -462,7 +462,9 @@ class Coordinator:
         _context.refuse_nesting("coordinator.transaction()")
         txname = TxName.make(name, self.namespace)
         cid = current_correlation_id()
+        # The block commits when it ends: both are checked now, before any work.
         self._allow("begin", txname.full, cid)
+        self._allow("commit", txname.full, cid)
         self._ensure_log()
         g = GlobalTransaction(self, txname, int(time.time() + timeout) + 1, cid)
         try:

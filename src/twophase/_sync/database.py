@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -308,6 +308,7 @@ class Database(QueryMethods[Rows, Row | None]):
         principal: str | None = None,
         policy: Policy | None = None,
         events: Emitter | None = None,
+        owned: Sequence[AuditLog] = (),
     ) -> None:
         self._pool = pool
         self.dialect = dialect
@@ -325,6 +326,7 @@ class Database(QueryMethods[Rows, Row | None]):
         self._events = events or Emitter((), label=database, principal=principal)
         #: The principal used when ``twophase.context(principal=...)`` sets none.
         self.principal = principal
+        self._owned = tuple(owned)  # made by connect(audit=True): closed with this database
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -340,7 +342,8 @@ class Database(QueryMethods[Rows, Row | None]):
         """Close every pooled connection (and flush the audit log). Prepared transactions
         stay prepared."""
         for audit in self._audit_logs():
-            _compat.to_thread(audit.close)
+            # One given by the caller may serve other databases too: flush, do not close.
+            _compat.to_thread(audit.close if audit in self._owned else audit.flush)
         self._pool.close()
 
     @property
@@ -377,16 +380,22 @@ class Database(QueryMethods[Rows, Row | None]):
             error=error,
         )
 
-    def _allow(self, action: str, name: TxName, correlation_id: str) -> None:
-        """Raise PermissionDenied (and audit it) unless the policy allows ``action``."""
+    def _authorize(self, action: str, name: TxName) -> str:
+        """The correlation id of a public call, once the policy allows ``action``.
+
+        Only the public entry points check: a coordinator's own steps on its branches were
+        authorized when its transaction or recovery began. A denial is audited, then raised.
+        """
+        cid = current_correlation_id() if self._events or self.policy else ""
         policy = self.policy
         if policy is None:
-            return
+            return cid
         try:
             policy.check(current_principal(self.principal), action, name.full)
         except PermissionDenied as exc:
-            self._emit(Step(action), name, Outcome.DENIED, time.time(), correlation_id, exc)
+            self._emit(Step(action), name, Outcome.DENIED, time.time(), cid, exc)
             raise
+        return cid
 
     def history(self, name: str, *, raw: bool = False) -> list[dict[str, Any]]:
         """The audit events of ``name`` (a transaction, or a global transaction and its
@@ -520,7 +529,7 @@ class Database(QueryMethods[Rows, Row | None]):
         """
         txname = self._name(name)
         self._refuse_nesting("distributed()")
-        staged = self._stage(txname)
+        staged = self._stage(txname, self._authorize("begin", txname))
         token = _context.ACTIVE.set(staged.tx)
         try:
             yield staged.tx
@@ -534,8 +543,7 @@ class Database(QueryMethods[Rows, Row | None]):
     def _stage(self, txname: TxName, correlation_id: str | None = None) -> Staged:
         """Open a transaction and claim ``txname`` in it (see Dialect.claim)."""
         events = self._events
-        cid = correlation_id or (current_correlation_id() if events or self.policy else "")
-        self._allow("begin", txname, cid)
+        cid = correlation_id or (current_correlation_id() if events else "")
         if not events:
             return self._claim(txname, cid)
         started = time.time()
@@ -617,7 +625,8 @@ class Database(QueryMethods[Rows, Row | None]):
         ``TransactionRolledBack`` if it was rolled back, ``UnknownTransaction`` if the
         database never saw it.
         """
-        self._finish(Action.COMMIT, self._name(name))
+        txname = self._name(name)
+        self._finish(Action.COMMIT, txname, self._authorize("commit", txname))
 
     def rollback_distributed(self, name: str) -> None:
         """Roll back the prepared transaction ``name``, from any process. Safe to retry.
@@ -626,7 +635,8 @@ class Database(QueryMethods[Rows, Row | None]):
         ``TransactionCommitted`` if it was committed, ``UnknownTransaction`` if the
         database never saw it.
         """
-        self._finish(Action.ROLLBACK, self._name(name))
+        txname = self._name(name)
+        self._finish(Action.ROLLBACK, txname, self._authorize("rollback", txname))
 
     def _finish(
         self,
@@ -639,8 +649,7 @@ class Database(QueryMethods[Rows, Row | None]):
         """Commit or roll back ``name``; True if this call did it, False if it was done."""
         self._refuse_nesting(f"{action.value}_distributed()")
         events = self._events
-        cid = correlation_id or (current_correlation_id() if events or self.policy else "")
-        self._allow(action.value, name, cid)
+        cid = correlation_id or (current_correlation_id() if events else "")
         if not events:
             return self._finish_retrying(action, name)
         step = Step(action.value)
