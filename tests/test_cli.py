@@ -6,11 +6,15 @@ what the command did is checked back through the library.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import re
+import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PG_URL
+from conftest import MY_URL, PG_URL
 
 import twophase
 from twophase import demo
@@ -371,3 +375,260 @@ def test_formatting() -> None:
     assert format_age(timedelta(seconds=125)) == "2m 05s"
     assert format_age(timedelta(hours=1, minutes=2)) == "1h 02m"
     assert format_age(timedelta(days=3, hours=4)) == "3d 04h"
+
+
+# -- reap ----------------------------------------------------------------------------------
+
+
+def test_reap(
+    url: str, namespace: str, nsdb: twophase.Database, stage: Callable[[str, int], None]
+) -> None:
+    stage("a", 1)
+    stage("b", 2)
+    reap = ["reap", "--namespace", namespace]
+    env = {"TWOPHASE_URL": url}
+
+    # Nothing is an hour old: both are left alone.
+    proc = run_cli(*reap, "--older-than", "1h", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["dry_run"], report["older_than_seconds"]) == (False, 3600.0)
+    assert (report["reaped"], report["skipped"], report["failed"]) == ([], [], [])
+    assert report["younger"] == 2
+    proc = run_cli(*reap, "--older-than", "1h", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "rolled back 0 older than 1h; skipped 0; failed 0; 2 younger left alone" in proc.stdout
+
+    # A dry run lists what it would roll back, and changes nothing.
+    proc = run_cli(*reap, "--older-than", "0s", "--dry-run", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["dry_run"] is True
+    assert [p["name"] for p in plan["reaped"]] == ["a", "b"]  # oldest first
+    for item in plan["reaped"]:
+        assert item["full_name"] == f"{namespace}:{item['name']}"
+        assert item["database"] == nsdb.database and item["branch"] is None
+        assert item["age_seconds"] >= 0
+        assert datetime.fromisoformat(item["prepared_at"]).utcoffset() == timedelta(0)
+    proc = run_cli(*reap, "--older-than", "0s", "--dry-run", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Dry run: nothing changed." in proc.stdout
+    assert "would roll back 2 older than 0s" in proc.stdout
+    assert nsdb.status("a") is nsdb.status("b") is twophase.Status.PREPARED
+
+    proc = run_cli(*reap, "--older-than", "0s", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout)
+    assert [p["name"] for p in done["reaped"]] == ["a", "b"]
+    assert done["failed"] == [] and done["dry_run"] is False
+    assert nsdb.status("a") is nsdb.status("b") is twophase.Status.ROLLED_BACK
+    assert nsdb.prepared() == []
+
+    proc = run_cli(*reap, "--older-than", "0s", env=env)  # nothing left
+    assert proc.returncode == 0, proc.stderr
+    assert "rolled back 0 older than 0s" in proc.stdout
+
+
+def test_reap_usage() -> None:
+    for args in (["reap"], ["reap", "--older-than", "soon"]):
+        proc = run_cli(*args, "--url", PG_URL)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        assert "Usage:" in proc.stderr
+
+
+# -- global transactions: status, reap, recover, history -----------------------------------
+
+# A coordinator that dies once its commit decision is durable: its branches stay prepared.
+_CRASHING_COORDINATOR = """
+import sys, twophase
+ns, pg, my = sys.argv[1:4]
+dbs = {"pg": twophase.connect(pg), "maria": twophase.connect(my)}
+coord = twophase.Coordinator(dbs, log="pg", namespace=ns)
+with coord.transaction("order", timeout=600) as g:
+    for key in ("pg", "pg", "maria"):  # the first pg branch carries the decision
+        g.enlist(key, lambda tx: tx.execute("SELECT 1"))
+sys.exit(3)  # the crash point was not reached
+"""
+
+
+@pytest.fixture
+def crashed_order(namespace: str) -> Iterator[dict[str, str]]:
+    """The global transaction ``order`` of the namespace, decided commit, its two branches
+    (one on PostgreSQL, one on MariaDB) left prepared by a coordinator killed with SIGKILL."""
+    urls = {"pg": PG_URL, "maria": MY_URL}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASHING_COORDINATOR, namespace, PG_URL, MY_URL],
+        env={**os.environ, "TWOPHASE_CRASH_AT": "after_decision"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    yield urls
+    # Whatever the test left: finish it by the decision (commit), in this namespace only.
+    dbs = {key: twophase.connect(u) for key, u in urls.items()}
+    try:
+        twophase.Coordinator(dbs, log="pg", namespace=namespace).recover()
+    finally:
+        for db in dbs.values():
+            db.close()
+
+
+def _branches(url: str, namespace: str) -> list[twophase.PreparedTransaction]:
+    with twophase.connect(url, namespace=namespace) as db:
+        return [p for p in db.prepared() if p.branch is not None]
+
+
+def test_global_transaction_commands(namespace: str, crashed_order: dict[str, str]) -> None:
+    (pg_branch,) = _branches(PG_URL, namespace)
+    (my_branch,) = _branches(MY_URL, namespace)
+    assert pg_branch.name == my_branch.name == "order"
+
+    # status lists the branches, with their qualifier.
+    proc = run_cli("status", "--url", PG_URL, "--namespace", namespace, "--json")
+    assert proc.returncode == 0, proc.stderr
+    (item,) = json.loads(proc.stdout)
+    assert (item["name"], item["branch"]) == ("order", pg_branch.branch)
+    proc = run_cli("status", "--url", MY_URL, "--namespace", namespace)
+    assert proc.returncode == 0, proc.stderr
+    assert "Branch" in proc.stdout and "twophase recover" in proc.stdout
+
+    # reap never touches a branch: only the decision log may say how it ends.
+    proc = run_cli(
+        "reap", "--url", PG_URL, "--namespace", namespace, "--older-than", "0s", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["reaped"] == [] and report["failed"] == []
+    (skipped,) = report["skipped"]
+    assert (skipped["name"], skipped["branch"]) == ("order", pg_branch.branch)
+    assert "twophase recover" in skipped["reason"]
+    proc = run_cli("reap", "--url", MY_URL, "--namespace", namespace, "--older-than", "0s")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1" in proc.stdout and "twophase recover" in proc.stdout
+    assert len(_branches(PG_URL, namespace)) == len(_branches(MY_URL, namespace)) == 1
+
+    coordinator = [
+        "--namespace", namespace, "--participant", f"pg={PG_URL}",
+        "--participant", f"maria={MY_URL}", "--log", "pg",
+    ]  # fmt: skip
+    proc = run_cli("recover", *coordinator, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert (plan["dry_run"], plan["committed"]) == (True, 2)
+    assert len(_branches(PG_URL, namespace)) == 1
+
+    proc = run_cli("recover", *coordinator, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # not a terminal: no progress display
+    done = json.loads(proc.stdout)
+    assert (done["dry_run"], done["committed"], done["in_doubt"], done["errors"]) == (
+        False, 2, 0, [],
+    )  # fmt: skip
+    assert {(a["gtrid"], a["participant"], a["action"]) for a in done["actions"]} == {
+        (f"{namespace}:order", "pg", "commit"),
+        (f"{namespace}:order", "maria", "commit"),
+    }
+    assert _branches(PG_URL, namespace) == [] and _branches(MY_URL, namespace) == []
+
+    proc = run_cli("recover", *coordinator)  # nothing left: a plain summary
+    assert proc.returncode == 0, proc.stderr
+    assert "committed 0, rolled back 0" in proc.stdout
+
+    proc = run_cli("history", *coordinator, "order", "--json")
+    assert proc.returncode == 0, proc.stderr
+    history = json.loads(proc.stdout)
+    assert (history["name"], history["decision"]) == ("order", "committed")
+    assert isinstance(history["events"], list)
+    proc = run_cli("history", *coordinator, "order")
+    assert proc.returncode == 0, proc.stderr
+    assert "order: decision committed" in proc.stdout
+
+
+def test_recover_shows_progress_on_a_terminal(
+    namespace: str, crashed_order: dict[str, str]
+) -> None:
+    """stderr a terminal, stdout a pipe: the live progress goes to the terminal only."""
+    leader, follower = pty.openpty()
+    args = [
+        "recover", "--namespace", namespace, "--participant", f"pg={PG_URL}",
+        "--participant", f"maria={MY_URL}", "--log", "pg", "--json",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env["TERM"] = "xterm"
+    proc = subprocess.Popen(
+        [*COMMAND, *args], stdout=subprocess.PIPE, stderr=follower, env=env, text=True
+    )
+    os.close(follower)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):  # EIO once the command has exited
+            while chunk := os.read(leader, 4096):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=120)
+    reader.join(timeout=30)
+    os.close(leader)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, terminal
+    assert json.loads(out)["committed"] == 2  # stdout: the JSON document alone
+    assert "recovering" in terminal
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def test_metrics_once(
+    url: str, namespace: str, nsdb: twophase.Database, stage: Callable[[str, int], None]
+) -> None:
+    stage("m1", 1)
+    env = {"TWOPHASE_URL": url}
+    proc = run_cli("metrics", "--once", "--namespace", namespace, "--label", "cli", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'twophase_prepared_transactions{participant="cli"} 1.0' in proc.stdout
+    assert 'twophase_prepared_stuck_transactions{participant="cli"} 0.0' in proc.stdout
+    assert 'twophase_participant_up{participant="cli"} 1.0' in proc.stdout
+
+    proc = run_cli("metrics", "--once", "--json", "--sla", "0s", "--namespace", namespace, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (doc,) = json.loads(proc.stdout)
+    assert (doc["participant"], doc["prepared"], doc["stuck"]) == (nsdb.database, 1, 1)
+
+
+def test_help_lists_every_command() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("reap", "metrics", "recover", "history", "relay", "prune-keys"):
+        assert command in proc.stdout
+    assert "`reap` when a rollback failed" in proc.stdout
+    for command in ("reap", "metrics", "recover", "status"):
+        proc = run_cli(command, "--help")
+        assert proc.returncode == 0 and "--json" in proc.stdout, command
+
+
+def test_history_of_a_plain_transaction(url: str, namespace: str) -> None:
+    with twophase.connect(url, namespace=namespace, audit=True, principal="cli-test") as db:
+        with twophase.context(correlation_id="hist-1"):
+            db.begin_distributed("h", lambda tx: tx.execute("SELECT 1"))
+        db.rollback_distributed("h")
+    env = {"TWOPHASE_URL": url}
+    proc = run_cli("history", "h", "--namespace", namespace, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    history = json.loads(proc.stdout)
+    assert history["status"] == "rolled_back"
+    steps = [(e["step"], e["outcome"], e["principal"]) for e in history["events"]]
+    assert steps == [
+        ("begin", "ok", "cli-test"),
+        ("prepare", "prepared", "cli-test"),
+        ("rollback", "rolled_back", "cli-test"),
+    ]
+    assert history["events"][0]["correlation_id"] == "hist-1"
+    proc = run_cli("history", "h", "--namespace", namespace, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "rolled_back" in proc.stdout and "cli-test" in proc.stdout
+    proc = run_cli("history", "never", "--namespace", namespace, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "status unknown" in proc.stdout and "No audit events" in proc.stdout

@@ -445,18 +445,26 @@ def test_reap_rolls_back_only_old_plain_transactions(url: str) -> None:
                 assert ages["old"] and ages["young"]
                 return (ages["old"] + ages["young"]) / 2
 
-            assert [p.name for p in db.reap(between(), dry_run=True)] == ["old"]
+            assert [p.name for p in db.reap(between(), dry_run=True).reaped] == ["old"]
             assert {p.name for p in db.prepared()} == {"old", "young", "g"}
             cutoff = between()
-            assert [p.name for p in db.reap(cutoff)] == ["old"]
-            assert db.reap(cutoff) == []
+            report = db.reap(cutoff)
+            assert [p.name for p in report.reaped] == ["old"]
+            assert [(p.name, why) for p, why in report.skipped] == [
+                (
+                    "g",
+                    "a global transaction's branch: `twophase recover` finishes it by its decision",
+                )
+            ]
+            assert report.younger == 1 and report.failed == []
+            assert db.reap(cutoff).reaped == []
             assert db.status("old") is Status.ROLLED_BACK
         with pytest.raises(PermissionDenied), twophase.context(principal="intern"):
             db.reap(cutoff)
         with pytest.raises(ValueError, match="timedelta"):
             db.reap(5)  # type: ignore[arg-type]
         with twophase.context(principal="janitor"):
-            assert [p.name for p in db.reap(timedelta(0))] == ["young"]
+            assert [p.name for p in db.reap(timedelta(0)).reaped] == ["young"]
             assert [(p.name, p.branch) for p in db.prepared()] == [("g", branch.branch)]
         db.policy = None  # clean up the branch by hand
         db._finish(Action.ROLLBACK, branch)

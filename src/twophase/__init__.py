@@ -28,7 +28,7 @@ from .errors import (
 from .idempotency import fingerprint
 from .observe.events import context
 from .policy import Policy, Rule
-from .protocol import Decision, PreparedTransaction, Status
+from .protocol import Decision, PreparedTransaction, ReapReport, Status
 from .sql import Rows
 
 __version__ = "0.1.0"
@@ -55,6 +55,7 @@ __all__ = [
     "Policy",
     "PreparedTransaction",
     "PreparedTransactionsDisabled",
+    "ReapReport",
     "RecoveryReport",
     "Rows",
     "Rule",

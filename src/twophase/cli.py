@@ -10,7 +10,8 @@ Layout, so that later commands (recover, reap, history, metrics, relay) slot in:
   it (``twophase status --url X``); :func:`connection_options` adds them to a command.
 * :func:`open_db` connects lazily and closes the database when the command ends.
 * Output goes through :func:`make_console` (human, rich) or :func:`emit_json` (one JSON
-  document on stdout); commands with data take :func:`json_option`.
+  document on stdout); commands with data take :func:`json_option`. Progress of long work
+  goes to :func:`make_err_console` (stderr), and only when it is a terminal.
 """
 
 from __future__ import annotations
@@ -18,22 +19,31 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import Coordinator, __version__, connect
 from ._sync.database import Database
 from .demo import DemoFailed, run_demo
 from .errors import TwoPhaseError
-from .protocol import PreparedTransaction, Status
+from .observe.events import Event, Observer, Outcome, Step
+from .protocol import PreparedTransaction, ReapReport, Status
+
+if TYPE_CHECKING:
+    from .observe.metrics import Metrics
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,7 +66,8 @@ Exit codes:
   0  success; `status NAME` exits 0 for every status, unknown included
   1  a twophase error (unknown transaction, invalid name, database
      unreachable, ...); the message is printed on stderr. `recover`
-     also exits 1 while a branch stays in doubt (participant down)
+     also exits 1 while a branch stays in doubt (participant down),
+     `reap` when a rollback failed
   2  usage error: unknown option, missing or malformed argument
 
 \b
@@ -136,6 +147,11 @@ def make_console(*, wide_when_piped: bool = False) -> Console:
     if wide_when_piped and not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 200
     return console
+
+
+def make_err_console() -> Console:
+    """A rich console for stderr: progress and warnings, never the command's data."""
+    return Console(stderr=True, highlight=False)
 
 
 def emit_json(document: object) -> None:
@@ -252,21 +268,33 @@ def cli() -> None:
 # -- status / prepared ---------------------------------------------------------------------
 
 
+def _prepared_json(p: PreparedTransaction) -> dict[str, Any]:
+    age = p.age
+    return {
+        "name": p.name,
+        "full_name": p.full_name,
+        "database": p.database,
+        "branch": p.branch,
+        "prepared_at": iso(p.prepared_at),
+        "age_seconds": None if age is None else round(age.total_seconds(), 3),
+    }
+
+
 def _listing_json(items: Iterable[PreparedTransaction], sla: timedelta) -> list[dict[str, Any]]:
     out = []
     for p in items:
         age = p.age
-        out.append(
-            {
-                "name": p.name,
-                "full_name": p.full_name,
-                "database": p.database,
-                "prepared_at": iso(p.prepared_at),
-                "age_seconds": None if age is None else round(age.total_seconds(), 3),
-                "over_sla": age is not None and age > sla,
-            }
-        )
+        out.append({**_prepared_json(p), "over_sla": age is not None and age > sla})
     return out
+
+
+def _where(db: Database) -> str:
+    return escape(db.display_url) + (f" (namespace {escape(db.namespace)})" if db.namespace else "")
+
+
+def _prepared_at_text(p: PreparedTransaction) -> str:
+    when = p.prepared_at
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if when else "-"
 
 
 def _show_prepared(db: Database, sla: timedelta, as_json: bool) -> None:
@@ -275,15 +303,16 @@ def _show_prepared(db: Database, sla: timedelta, as_json: bool) -> None:
         emit_json(_listing_json(items, sla))
         return
     console = make_console(wide_when_piped=True)
-    where = escape(db.display_url) + (
-        f" (namespace {escape(db.namespace)})" if db.namespace else ""
-    )
+    where = _where(db)
     if not items:
         console.print(f"No prepared transactions in {where}.")
         return
     over = 0
+    branches = any(p.branch for p in items)
     table = Table()
     table.add_column("Name", overflow="fold")
+    if branches:
+        table.add_column("Branch")
     table.add_column("Database")
     table.add_column("Prepared at (UTC)")
     table.add_column("Age", justify="right")
@@ -291,22 +320,24 @@ def _show_prepared(db: Database, sla: timedelta, as_json: bool) -> None:
         age = p.age
         late = age is not None and age > sla
         over += late
-        when = p.prepared_at
-        prepared_at = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if when else "-"
         # The marker keeps the highlight visible without colour (NO_COLOR, pipes).
         age_text = format_age(age) + (" > SLA" if late else "")
-        table.add_row(
-            escape(p.name),
-            escape(p.database),
-            prepared_at,
-            age_text,
-            style="bold red" if late else None,
-        )
+        cells = [escape(p.name)]
+        if branches:
+            cells.append(escape(p.branch or "-"))
+        cells += [escape(p.database), _prepared_at_text(p), age_text]
+        table.add_row(*cells, style="bold red" if late else None)
     # Title and summary as plain lines: a table title would wrap at the table's width.
     console.print(f"Prepared transactions in {where}:")
     console.print(table)
     late_text = f"[bold red]{over}[/]" if over else "none"
-    console.print(f"{len(items)} prepared; {late_text} older than the {format_sla(sla)} SLA")
+    oldest = max((p.age for p in items if p.age is not None), default=None)
+    console.print(
+        f"{len(items)} prepared; {late_text} older than the {format_sla(sla)} SLA"
+        + (f"; oldest {format_age(oldest)}" if oldest is not None else "")
+    )
+    if branches:
+        console.print("Branches of global transactions are finished by `twophase recover`.")
 
 
 def _show_status(name: str, status: Status, as_json: bool) -> None:
@@ -377,6 +408,88 @@ def rollback_command(ctx: click.Context, name: str, as_json: bool) -> None:
     _show_status(name, Status.ROLLED_BACK, as_json)
 
 
+# -- reap ----------------------------------------------------------------------------------
+
+
+def _reap_json(report: ReapReport) -> dict[str, Any]:
+    return {
+        "older_than_seconds": report.older_than.total_seconds(),
+        "dry_run": report.dry_run,
+        "reaped": [_prepared_json(p) for p in report.reaped],
+        "skipped": [{**_prepared_json(p), "reason": r} for p, r in report.skipped],
+        "failed": [{**_prepared_json(p), "error": e} for p, e in report.failed],
+        "younger": report.younger,
+    }
+
+
+@cli.command("reap")
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="DURATION",
+    required=True,
+    callback=_duration_option,
+    help="Roll back transactions prepared longer ago than this (30s, 10m, 2h...).",
+)
+@click.option("--dry-run", is_flag=True, help="Report what would be rolled back; change nothing.")
+@json_option
+@connection_options
+@click.pass_context
+def reap_command(ctx: click.Context, older_than: timedelta, dry_run: bool, as_json: bool) -> None:
+    """Roll back prepared transactions older than --older-than (abandoned by their owner).
+
+    Only transactions of begin_distributed() are rolled back. Branches of global
+    transactions are listed as skipped: `twophase recover` finishes them by the decision
+    log once their deadline has passed. Exits 0 when every rollback succeeded, 1 when one
+    failed (the others are still done).
+    """
+    db = open_db(ctx)
+    report = db.reap(older_than, dry_run=dry_run)
+    if as_json:
+        emit_json(_reap_json(report))
+    else:
+        _show_reap(db, report)
+    if report.failed:
+        ctx.exit(EXIT_ERROR)
+
+
+def _show_reap(db: Database, report: ReapReport) -> None:
+    console = make_console(wide_when_piped=True)
+    limit = format_sla(report.older_than)
+    rows: list[tuple[PreparedTransaction, str, str | None]] = [
+        (p, "would roll back" if report.dry_run else "rolled back", None) for p in report.reaped
+    ]
+    rows += [(p, f"skipped: {escape(r)}", "yellow") for p, r in report.skipped]
+    rows += [(p, f"failed: {escape(e)}", "bold red") for p, e in report.failed]
+    if report.dry_run:
+        console.print("Dry run: nothing changed.")
+    if rows:
+        console.print(f"Prepared transactions older than {limit} in {_where(db)}:")
+        table = Table()
+        for column in ("Name", "Branch", "Database", "Prepared at (UTC)", "Age", "Action"):
+            fold = column in ("Name", "Action")
+            table.add_column(column, overflow="fold" if fold else "ellipsis")
+        for p, action, style in rows:
+            table.add_row(
+                escape(p.name),
+                escape(p.branch or "-"),
+                escape(p.database),
+                _prepared_at_text(p),
+                format_age(p.age),
+                action,
+                style=style,
+            )
+        console.print(table)
+    verb = "would roll back" if report.dry_run else "rolled back"
+    failed = f"[bold red]{len(report.failed)}[/]" if report.failed else "0"
+    console.print(
+        f"{verb} {len(report.reaped)} older than {limit}; skipped {len(report.skipped)}; "
+        f"failed {failed}; {report.younger} younger left alone"
+    )
+    if any(p.branch is not None for p, _ in report.skipped):
+        console.print("Skipped branches: run `twophase recover`; it resolves them by deadline.")
+
+
 # -- demo ----------------------------------------------------------------------------------
 
 
@@ -399,8 +512,35 @@ def demo_command(ctx: click.Context, keep: bool) -> None:
 # -- coordinator, relay and housekeeping ---------------------------------------------------
 
 
+def _participant_urls(
+    config: str | None, participants: tuple[str, ...]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """``--participant KEY=URL`` options over the TOML config file: the URLs by key, and
+    the file's document (empty without a file)."""
+    urls: dict[str, str] = {}
+    doc: dict[str, Any] = {}
+    path = config or os.environ.get("TWOPHASE_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise click.UsageError(f"cannot read the config file {path}: {exc}") from exc
+        urls.update({str(k): str(v) for k, v in doc.get("participants", {}).items()})
+    for item in participants:
+        key, sep, url = item.partition("=")
+        if not sep or not key or not url:
+            raise click.UsageError(f"--participant takes KEY=URL, got {item!r}")
+        urls[key] = url
+    return urls, doc
+
+
 def _load_coordinator(
-    ctx: click.Context, config: str | None, participants: tuple[str, ...], log_key: str | None
+    ctx: click.Context,
+    config: str | None,
+    participants: tuple[str, ...],
+    log_key: str | None,
+    observers: Sequence[Observer] | None = None,
 ) -> Coordinator:
     """A Coordinator from ``--participant KEY=URL`` options and/or a TOML config file.
 
@@ -412,23 +552,10 @@ def _load_coordinator(
         orders = "postgresql://app@db1/orders"
         billing = "mysql://app@db3/billing"
     """
-    urls: dict[str, str] = {}
     namespace = ctx.ensure_object(Settings).namespace
-    path = config or os.environ.get("TWOPHASE_CONFIG")
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise click.UsageError(f"cannot read the config file {path}: {exc}") from exc
-        urls.update({str(k): str(v) for k, v in doc.get("participants", {}).items()})
-        log_key = log_key or doc.get("log")
-        namespace = namespace or doc.get("namespace")
-    for item in participants:
-        key, sep, url = item.partition("=")
-        if not sep or not key or not url:
-            raise click.UsageError(f"--participant takes KEY=URL, got {item!r}")
-        urls[key] = url
+    urls, doc = _participant_urls(config, participants)
+    log_key = log_key or doc.get("log")
+    namespace = namespace or doc.get("namespace")
     if not urls:
         raise click.UsageError(
             "name the participant databases: --participant KEY=URL (repeat it) or --config FILE"
@@ -438,7 +565,7 @@ def _load_coordinator(
     dbs = {key: connect(url) for key, url in urls.items()}
     for db in dbs.values():
         ctx.call_on_close(db.close)
-    return Coordinator(dbs, log=log_key, namespace=namespace)
+    return Coordinator(dbs, log=log_key, namespace=namespace, observers=observers)
 
 
 def coordinator_options(f: F) -> F:
@@ -459,6 +586,48 @@ def coordinator_options(f: F) -> F:
         help="TOML file with log = KEY and a [participants] table. Default: $TWOPHASE_CONFIG.",
     )(f)
     return f
+
+
+class _RecoverProgress:
+    """A live line on stderr fed by the coordinator's recovery events."""
+
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task = self._progress.add_task(
+            "recovering: listing prepared branches on every participant...", total=None
+        )
+        self._counts: Counter[str] = Counter()
+        # Branches are finished concurrently, from several threads.
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        if event.step is Step.RECOVER:
+            key = str(event.outcome)
+        elif event.step is Step.COMPENSATE and event.outcome is not Outcome.FAILED:
+            key = "compensations"
+        else:
+            return
+        with self._lock:
+            self._counts[key] += 1
+            c = self._counts
+            text = (
+                f"recovering: {c[Outcome.COMMITTED]} committed, "
+                f"{c[Outcome.ROLLED_BACK]} rolled back, {c[Outcome.IN_DOUBT]} in doubt, "
+                f"{c['compensations']} compensations"
+            )
+        self._progress.update(self._task, description=text)
+
+    @contextmanager
+    def shown(self) -> Iterator[None]:
+        """Display it for the duration of the block."""
+        with self._progress:
+            yield
 
 
 @cli.command("recover")
@@ -482,22 +651,31 @@ def recover_command(
     Commits branches with a commit decision; rolls back undecided ones past their deadline
     and runs their compensations. Exits 0 when everything reachable was resolved (undecided
     branches within their deadline are left waiting), 1 when a participant could not be
-    reached or an error occurred (run it again later).
+    reached or an error occurred (run it again later). Progress is shown on stderr when it
+    is a terminal.
     """
-    coord = _load_coordinator(ctx, config, participants, log_key)
-    console = make_console(wide_when_piped=True)
-    if as_json:
+    err = make_err_console()
+    progress = _RecoverProgress(err) if err.is_terminal else None
+    coord = _load_coordinator(
+        ctx, config, participants, log_key, observers=[progress] if progress else None
+    )
+    if progress is None:
         report = coord.recover(dry_run=dry_run)
+    else:
+        with progress.shown():
+            report = coord.recover(dry_run=dry_run)
+    if as_json:
         emit_json({"dry_run": dry_run, **report.as_dict()})
     else:
-        with console.status("recovering: listing prepared branches on every participant..."):
-            report = coord.recover(dry_run=dry_run)
+        console = make_console(wide_when_piped=True)
         table = Table(title="dry run: nothing changed" if dry_run else "recovery")
         for column in ("global", "participant", "branch", "action"):
             table.add_column(column)
         shown = report.actions if verbose else report.actions[:_MAX_ROWS]
         for gtrid, participant, branch, action in shown:
-            table.add_row(gtrid, participant, branch, action.replace("_", " "))
+            table.add_row(
+                escape(gtrid), escape(participant), escape(branch), action.replace("_", " ")
+            )
         if report.actions:
             console.print(table)
         if len(shown) < len(report.actions):
@@ -508,9 +686,9 @@ def recover_command(
             f"compensations {report.compensations}"
         )
         for error in report.errors:
-            console.print(f"[red]error:[/] {error}")
+            console.print(f"[red]error:[/] {escape(error)}")
     if report.errors or report.in_doubt:
-        ctx.exit(1)
+        ctx.exit(EXIT_ERROR)
 
 
 @cli.command("history")
@@ -527,31 +705,82 @@ def history_command(
     log_key: str | None,
     as_json: bool,
 ) -> None:
-    """The decision and audit events of the global transaction NAME."""
-    coord = _load_coordinator(ctx, config, participants, log_key)
-    decision = coord.status(name)
-    events = coord.history(name)
+    """The audit trail of NAME: every recorded step, oldest first.
+
+    With --url only: a transaction of that database (begin_distributed) and its status.
+    With --participant/--config: a global transaction, its decision, and the events of
+    its branches from every participant's audit log.
+    """
+    if config is None and not participants:
+        db = open_db(ctx)
+        verdict = ("status", db.status(name).value)
+        events = db.history(name)
+    else:
+        coord = _load_coordinator(ctx, config, participants, log_key)
+        verdict = ("decision", coord.status(name).value)
+        events = coord.history(name)
     if as_json:
         emit_json(
             {
                 "name": name,
-                "decision": decision.value,
-                "events": [{**e, "at": iso(e["at"])} for e in events],
+                verdict[0]: verdict[1],
+                "events": [{k: _plain(v) for k, v in e.items()} for e in events],
             }
         )
         return
     console = make_console(wide_when_piped=True)
-    console.print(f"{name}: decision {decision.value}")
+    console.print(f"{escape(name)}: {verdict[0]} {verdict[1]}")
+    if not events:
+        console.print("No audit events recorded (connect with audit=True to record them).")
+        return
+    # Columns from the events themselves, in a readable order: audit sources differ in
+    # what they record (an event or a step, an actor or a principal, a duration...).
+    keys = [k for e in events for k in e if k != "id"]
+    columns = sorted(dict.fromkeys(keys), key=lambda k: _HISTORY_ORDER.get(k, len(_HISTORY_ORDER)))
     table = Table()
-    for column in ("at", "event", "participant", "branch", "outcome", "actor", "detail"):
-        table.add_column(column)
+    for column in columns or ("at", "event"):
+        table.add_column(column, overflow="fold" if column == "detail" else "ellipsis")
     for e in events:
-        table.add_row(
-            iso(e["at"]) or "",
-            *(str(e[c]) if e[c] is not None else "" for c in ("event", "participant", "branch")),
-            *(str(e[c]) if e[c] is not None else "" for c in ("outcome", "actor", "detail")),
-        )
+        table.add_row(*(escape(_cell(e.get(c))) for c in columns))
     console.print(table)
+
+
+_HISTORY_ORDER = {
+    k: i
+    for i, k in enumerate(
+        (
+            "at",
+            "event",
+            "step",
+            "name",
+            "gtrid",
+            "participant",
+            "branch",
+            "outcome",
+            "duration_ms",
+            "actor",
+            "principal",
+            "correlation_id",
+            "detail",
+        )
+    )
+}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly value: times as ISO 8601 UTC, other odd types as text."""
+    if isinstance(value, datetime):
+        return iso(value if value.tzinfo else value.replace(tzinfo=UTC))
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    plain = _plain(value)
+    return plain if isinstance(plain, str) else str(plain)
 
 
 @cli.command("relay")
@@ -587,6 +816,148 @@ def relay_command(
         emit_json(document)
     else:
         make_console().print(", ".join(f"{k} {v}" for k, v in document.items()))
+
+
+def _metrics_targets(
+    ctx: click.Context, config: str | None, participants: tuple[str, ...], label: str | None
+) -> list[tuple[str, Database]]:
+    """The databases to read: each ``--participant`` (or the config file's), else --url."""
+    namespace = ctx.ensure_object(Settings).namespace
+    urls, doc = _participant_urls(config, participants)
+    if not urls:
+        db = open_db(ctx)
+        return [(label or db.database, db)]
+    if label is not None:
+        raise click.UsageError("--label names the --url database; participants use their keys")
+    targets = []
+    for key, url in urls.items():
+        db = connect(url, namespace=namespace or doc.get("namespace"))
+        ctx.call_on_close(db.close)
+        targets.append((key, db))
+    return targets
+
+
+def _new_registry() -> Any:
+    # A registry of its own: the default one also carries this process's own metrics.
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        return None  # Metrics() then says what to install
+    return CollectorRegistry()
+
+
+def _refresh_all(metrics: Metrics, targets: list[tuple[str, Database]], *, strict: bool) -> None:
+    for label, db in targets:
+        try:
+            metrics.refresh(db, participant=label)
+        except TwoPhaseError as exc:
+            if strict:
+                raise
+            # A server that keeps serving reports the database as down (up 0) instead.
+            make_err_console().print(
+                f"[yellow]warning:[/] cannot read {escape(label)}: {escape(str(exc))}"
+            )
+
+
+@cli.command("metrics")
+@click.option("--port", type=int, metavar="N", help="Serve /metrics over HTTP on this port.")
+@click.option(
+    "--addr",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="ADDR",
+    help="Address the HTTP server listens on.",
+)
+@click.option(
+    "--interval",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="Seconds between two reads of the databases.",
+)
+@click.option("--once", is_flag=True, help="Print the metrics once (Prometheus text) and exit.")
+@click.option(
+    "--label", metavar="NAME", help="Participant label of the --url database (default: its name)."
+)
+@click.option(
+    "--participant",
+    "participants",
+    metavar="KEY=URL",
+    multiple=True,
+    help="Read this database, labelled KEY (repeat it), instead of --url.",
+)
+@click.option("--config", metavar="FILE", help="TOML file with a [participants] table.")
+@click.option(
+    "--sla",
+    metavar="DURATION",
+    default="60s",
+    callback=_duration_option,
+    show_default=True,
+    help="Prepared longer ago than this counts as stuck (30s, 5m, 1h...).",
+)
+@json_option
+@connection_options
+@click.pass_context
+def metrics_command(
+    ctx: click.Context,
+    port: int | None,
+    addr: str,
+    interval: float,
+    once: bool,
+    label: str | None,
+    participants: tuple[str, ...],
+    config: str | None,
+    sla: timedelta,
+    as_json: bool,
+) -> None:
+    """Serve Prometheus metrics of prepared transactions and the outbox.
+
+    Gauges per participant: prepared transactions, age of the oldest, how many are older
+    than --sla, outbox pending/dead messages and oldest pending age. They are read every
+    --interval seconds and served on http://ADDR:PORT/metrics until interrupted (Ctrl-C).
+    With --once they are read once and printed (--json: one object per participant);
+    exits 1 if a database cannot be read. Needs prometheus-client (twophase[metrics]).
+    """
+    if once == (port is not None):
+        raise click.UsageError("give either --port N (serve) or --once (print and exit)")
+    if as_json and not once:
+        raise click.UsageError("--json goes with --once")
+    from .observe.metrics import Metrics
+
+    metrics = Metrics(_new_registry(), sla=sla)  # without prometheus_client: exit 1, clearly
+    from prometheus_client import generate_latest, start_http_server
+
+    registry = metrics.registry
+    targets = _metrics_targets(ctx, config, participants, label)
+    if once:
+        _refresh_all(metrics, targets, strict=True)
+        if as_json:
+            emit_json([s.as_dict() for s in metrics.snapshots()])
+        else:
+            click.echo(generate_latest(registry).decode(), nl=False)
+        return
+    assert port is not None
+    _refresh_all(metrics, targets, strict=False)
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {addr}:{port}: {exc}") from exc
+    err = make_err_console()
+    names = ", ".join(label for label, _ in targets)
+    err.print(
+        f"serving metrics of {escape(names)} on http://{addr}:{server.server_port}/metrics, "
+        f"read every {interval:g}s (Ctrl-C stops)"
+    )
+    try:
+        while True:
+            time.sleep(interval)
+            _refresh_all(metrics, targets, strict=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @cli.command("prune-keys")

@@ -33,7 +33,7 @@ normally, a commit of a rolled-back name raises ``TransactionRolledBack``, and s
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -157,6 +157,22 @@ class PreparedTransaction:
             self.full_name,
             self.branch or "",
         )
+
+
+@dataclass
+class ReapReport:
+    """What one ``db.reap(older_than)`` pass found and did."""
+
+    older_than: timedelta
+    dry_run: bool
+    #: Rolled back (with ``dry_run``: would be), oldest first.
+    reaped: list[PreparedTransaction] = field(default_factory=list)
+    #: Old but left alone, with the reason (a coordinator's branch, finished meanwhile...).
+    skipped: list[tuple[PreparedTransaction, str]] = field(default_factory=list)
+    #: Old, and the rollback failed: ``(transaction, error)``; the others are still done.
+    failed: list[tuple[PreparedTransaction, str]] = field(default_factory=list)
+    #: Prepared transactions not old enough.
+    younger: int = 0
 
 
 # -- global transactions ----------------------------------------------------------------

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
 from .. import _acompat, _context
@@ -31,7 +31,15 @@ from ..observe.audit import AuditLog, AuditSQL, normalize_rows
 from ..observe.events import Emitter, Outcome, Step, current_correlation_id, current_principal
 from ..outbox import OutboxSQL, check_topic, encode_payload
 from ..policy import Policy
-from ..protocol import Action, Answer, PreparedTransaction, Status, finish_answer, status_of
+from ..protocol import (
+    Action,
+    Answer,
+    PreparedTransaction,
+    ReapReport,
+    Status,
+    finish_answer,
+    status_of,
+)
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
 from .driver import AsyncConn, AsyncPool, Params
 from .retry import DEFAULT_TTL, AsyncTransactionRetry
@@ -40,6 +48,8 @@ T = TypeVar("T")
 Row = dict[str, Any]
 
 log = logging.getLogger("twophase")
+
+_BRANCH_NOT_REAPED = "a global transaction's branch: `twophase recover` finishes it by its decision"
 
 # MariaDB keeps a prepared branch attached to its session until the session lets go; a
 # finishing call that races that hand-over waits at most this long.
@@ -345,6 +355,12 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         await self._pool.close()
 
     @property
+    def label(self) -> str:
+        """This database's name in events and metrics (``connect(label=...)``, by default
+        its database name)."""
+        return self._events.label or self.database
+
+    @property
     def observers(self) -> tuple[Any, ...]:
         """The observers every step of this database is reported to."""
         return self._events.observers
@@ -378,8 +394,9 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
             error=error,
         )
 
-    def _authorize(self, action: str, name: TxName) -> str:
-        """The correlation id of a public call, once the policy allows ``action``.
+    def _authorize(self, action: str, name: TxName | None) -> str:
+        """The correlation id of a public call, once the policy allows ``action`` on
+        ``name`` (None: on everything, checked as ``*``).
 
         Only the public entry points check: a coordinator's own steps on its branches were
         authorized when its transaction or recovery began. A denial is audited, then raised.
@@ -388,10 +405,20 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         policy = self.policy
         if policy is None:
             return cid
+        full = "*" if name is None else name.full
         try:
-            policy.check(current_principal(self.principal), action, name.full)
+            policy.check(current_principal(self.principal), action, full)
         except PermissionDenied as exc:
-            self._emit(Step(action), name, Outcome.DENIED, time.time(), cid, exc)
+            self._events.emit(
+                Step(action),
+                full,
+                Outcome.DENIED,
+                time.time(),
+                correlation_id=cid,
+                branch=None if name is None else name.branch,
+                detail=str(exc),
+                error=exc,
+            )
             raise
         return cid
 
@@ -720,66 +747,60 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         log.debug("%s %s", action.value, name)
         return Answer.DONE
 
-    async def reap(
-        self, older_than: timedelta, *, dry_run: bool = False
-    ) -> list[PreparedTransaction]:
+    async def reap(self, older_than: timedelta, *, dry_run: bool = False) -> ReapReport:
         """Roll back this namespace's prepared transactions older than ``older_than``.
 
         For transactions whose owner will never come back (a crashed process, a lost
-        name). Branches of global transactions are left alone: ``recover()`` resolves
-        them by their decision and deadline. Returns the transactions rolled back (with
-        ``dry_run``, those that would be), oldest first; one finished meanwhile by someone
-        else is skipped. The policy must grant ``reap`` (checked against the name ``*``).
+        name). Branches of global transactions are skipped: only their decision log may
+        say how they end, and ``recover()`` resolves them by it. A transaction finished
+        meanwhile by someone else is skipped; a failed rollback is reported and the others
+        still go ahead. The policy must grant ``reap`` (checked against the name ``*``).
         """
         if not isinstance(older_than, timedelta) or older_than < timedelta(0):
             raise ValueError(
                 f"older_than must be a non-negative datetime.timedelta, got {older_than!r}"
             )
         self._refuse_nesting("reap()")
-        cid = current_correlation_id()
-        if self.policy is not None:
-            try:
-                self.policy.check(current_principal(self.principal), "reap", "*")
-            except PermissionDenied as exc:
-                self._events.emit(
-                    Step.REAP,
-                    "*",
-                    Outcome.DENIED,
-                    time.time(),
-                    correlation_id=cid,
-                    detail=str(exc),
-                    error=exc,
-                )
-                raise
-        now = datetime.now(UTC)
-        stale = [
-            p
-            for p in await self.prepared()
-            if p.branch is None and p.prepared_at is not None and now - p.prepared_at > older_than
-        ]
-        if dry_run:
-            return stale
-        reaped = []
-        for p in stale:
-            name = TxName.make(p.full_name)
-            started = time.time()
-            try:
-                done = await self._finish_retrying(Action.ROLLBACK, name)
-            except (TransactionCommitted, UnknownTransaction):
-                continue  # finished by its owner between the listing and now
-            if not done:
-                continue
-            reaped.append(p)
-            if self._events:
-                self._emit(
-                    Step.REAP,
-                    name,
-                    Outcome.ROLLED_BACK,
-                    started,
-                    cid,
-                    detail=f"prepared {p.age} ago, older than {older_than}",
-                )
-        return reaped
+        cid = self._authorize("reap", None)
+        report = ReapReport(older_than, dry_run)
+        for p in await self.prepared():
+            age = p.age
+            if age is None:
+                report.skipped.append((p, "age unknown: the database does not say"))
+            elif age <= older_than:
+                report.younger += 1
+            elif p.branch is not None:
+                report.skipped.append((p, _BRANCH_NOT_REAPED))
+            elif dry_run:
+                report.reaped.append(p)
+            else:
+                await self._reap_one(p, report, cid)
+        return report
+
+    async def _reap_one(self, p: PreparedTransaction, report: ReapReport, cid: str) -> None:
+        name = TxName.make(p.full_name)
+        started = time.time()
+        try:
+            done = await self._finish_retrying(Action.ROLLBACK, name)
+        except (TransactionCommitted, UnknownTransaction) as exc:
+            report.skipped.append((p, f"finished meanwhile ({type(exc).__name__})"))
+            return
+        except TwoPhaseError as exc:
+            report.failed.append((p, f"{type(exc).__name__}: {exc}"))
+            self._emit(Step.REAP, name, Outcome.FAILED, started, cid, exc)
+            return
+        if not done:
+            report.skipped.append((p, "rolled back meanwhile"))
+            return
+        report.reaped.append(p)
+        self._emit(
+            Step.REAP,
+            name,
+            Outcome.ROLLED_BACK,
+            started,
+            cid,
+            detail=f"prepared {p.age} ago, older than {report.older_than}",
+        )
 
     async def status(self, name: str) -> Status:
         """``prepared``, ``committed``, ``rolled_back`` or ``unknown`` (see ``protocol``)."""
