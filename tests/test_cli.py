@@ -632,3 +632,43 @@ def test_history_of_a_plain_transaction(url: str, namespace: str) -> None:
     proc = run_cli("history", "never", "--namespace", namespace, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "status unknown" in proc.stdout and "No audit events" in proc.stdout
+
+
+def test_operator_identity_policy_and_audit(
+    url: str,
+    namespace: str,
+    nsdb: twophase.Database,
+    stage: Callable[[str, int], None],
+    tmp_path: Path,
+) -> None:
+    stage("pay", 1)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[[rule]]\nprincipals = ["oncall-*"]\nactions = ["commit", "rollback"]\nnames = ["*"]\n'
+    )
+    env = {"TWOPHASE_URL": url, "TWOPHASE_POLICY": str(policy)}
+    ns = ["--namespace", namespace]
+
+    proc = run_cli("--principal", "intern", "commit", "pay", *ns, env=env)
+    assert proc.returncode == 1
+    assert "PermissionDenied" in proc.stderr and "intern" in proc.stderr
+    assert nsdb.status("pay") is twophase.Status.PREPARED  # refused before any SQL
+
+    proc = run_cli("commit", "pay", *ns, env={**env, "TWOPHASE_PRINCIPAL": "oncall-ana"})
+    assert proc.returncode == 0, proc.stderr
+    assert nsdb.status("pay") is twophase.Status.COMMITTED
+
+    proc = run_cli("history", "pay", *ns, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    steps = [(e["step"], e["outcome"], e["principal"]) for e in json.loads(proc.stdout)["events"]]
+    assert steps == [("commit", "denied", "intern"), ("commit", "committed", "oncall-ana")]
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rule]]\nprincipals = ["x"]\nactions = ["launch"]\n')
+    proc = run_cli("--policy", str(bad), "commit", "pay", *ns, env={"TWOPHASE_URL": url})
+    assert proc.returncode == 2 and "unknown action" in proc.stderr
+
+    stage("quiet", 2)
+    proc = run_cli("rollback", "quiet", *ns, "--no-audit", env={"TWOPHASE_URL": url})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(run_cli("history", "quiet", *ns, "--json", env=env).stdout)["events"] == []

@@ -16,6 +16,7 @@ Layout, so that later commands (recover, reap, history, metrics, relay) slot in:
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from ._sync.database import Database
 from .demo import DemoFailed, run_demo
 from .errors import TwoPhaseError
 from .observe.events import Event, Observer, Outcome, Step
+from .policy import Policy
 from .protocol import PreparedTransaction, ReapReport, Status
 
 if TYPE_CHECKING:
@@ -89,14 +91,51 @@ _STATUS_STYLE = {
 
 @dataclass
 class Settings:
-    """Connection choices gathered from the group's and the command's options."""
+    """Connection and identity choices gathered from the group's and the command's options."""
 
     url: str | None = None
     namespace: str | None = None
+    principal: str | None = None
+    policy: str | None = None
+    no_audit: bool = False
 
     def connect(self) -> Database:
         """Open the database (None URL: $TWOPHASE_URL, else the embedded PostgreSQL)."""
-        return connect(self.url, namespace=self.namespace)
+        return self.open(self.url, namespace=self.namespace)
+
+    def open(self, url: str | None, *, namespace: str | None = None) -> Database:
+        """Connect to ``url`` as the operator: principal, policy and audit applied.
+
+        What an operator does by hand (commit, rollback, recover, reap) is audited in the
+        database it touches unless --no-audit (or TWOPHASE_AUDIT=0) says otherwise.
+        """
+        audit = not self.no_audit and os.environ.get("TWOPHASE_AUDIT", "1") not in _FALSE
+        return connect(
+            url,
+            namespace=namespace,
+            principal=self.principal or os.environ.get("TWOPHASE_PRINCIPAL") or _os_user(),
+            policy=self._policy(),
+            audit=audit,
+        )
+
+    def _policy(self) -> Policy | None:
+        path = self.policy or os.environ.get("TWOPHASE_POLICY")
+        if not path:
+            return None
+        try:
+            return Policy.from_file(path)
+        except ValueError as exc:
+            raise click.UsageError(f"--policy: {exc}") from None
+
+
+_FALSE = ("0", "false", "no", "off")
+
+
+def _os_user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        return None
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -107,7 +146,30 @@ def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def connection_options(f: F) -> F:
-    """Add ``--url`` and ``--namespace`` to a command (or the group)."""
+    """Add ``--url``, ``--namespace`` and the identity options to a command (or the group)."""
+    f = click.option(
+        "--no-audit",
+        is_flag=True,
+        default=None,
+        expose_value=False,
+        callback=_remember,
+        help="Do not record this command's steps in twophase_audit_log (or TWOPHASE_AUDIT=0).",
+    )(f)
+    f = click.option(
+        "--policy",
+        metavar="FILE",
+        expose_value=False,
+        callback=_remember,
+        help="Access policy (TOML or JSON) to enforce. Default: $TWOPHASE_POLICY.",
+    )(f)
+    f = click.option(
+        "--principal",
+        metavar="NAME",
+        expose_value=False,
+        callback=_remember,
+        help="Who acts, for the policy and the audit trail. Default: $TWOPHASE_PRINCIPAL, "
+        "else the OS user.",
+    )(f)
     f = click.option(
         "--namespace",
         metavar="NS",
@@ -562,9 +624,13 @@ def _load_coordinator(
         )
     if log_key is None:
         raise click.UsageError("name the participant that keeps the decision log: --log KEY")
-    dbs = {key: connect(url) for key, url in urls.items()}
+    settings = ctx.ensure_object(Settings)
+    dbs = {key: settings.open(url) for key, url in urls.items()}
     for db in dbs.values():
         ctx.call_on_close(db.close)
+    if observers is not None and log_key in dbs:
+        # The coordinator's steps still reach the log database's audit log.
+        observers = [*dbs[log_key].observers, *observers]
     return Coordinator(dbs, log=log_key, namespace=namespace, observers=observers)
 
 

@@ -436,7 +436,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         sql = AuditSQL(self.dialect)
         await self._ensure_tables("audit", sql.schema())
         rows = await self._autocommit(*sql.select(name=txname.full))
-        return normalize_rows(rows, self.dialect)
+        return normalize_rows(rows)
 
     # -- plain statements -------------------------------------------------------------
 

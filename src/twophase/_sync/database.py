@@ -438,7 +438,7 @@ class Database(QueryMethods[Rows, Row | None]):
         sql = AuditSQL(self.dialect)
         self._ensure_tables("audit", sql.schema())
         rows = self._autocommit(*sql.select(name=txname.full))
-        return normalize_rows(rows, self.dialect)
+        return normalize_rows(rows)
 
     # -- plain statements -------------------------------------------------------------
 

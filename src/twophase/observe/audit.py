@@ -125,7 +125,7 @@ class AuditSQL:
         )
 
 
-def normalize_rows(rows: Any, dialect: Dialect) -> list[dict[str, Any]]:
+def normalize_rows(rows: Any) -> list[dict[str, Any]]:
     """Audit rows as dicts with timezone-aware ``at`` on every dialect."""
     out = []
     for row in rows:
@@ -244,7 +244,7 @@ class AuditLog:
             rows = db._autocommit(
                 *sql.select(name=name, correlation_id=correlation_id, limit=limit)
             )
-            return normalize_rows(rows, db.dialect)
+            return normalize_rows(rows)
 
     # -- the writer ------------------------------------------------------------------
 
