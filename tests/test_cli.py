@@ -285,6 +285,7 @@ def test_demo(url: str) -> None:
         "2. Rollback on failure",
         "3. Crash and recovery",
         "4. Idempotent retry",
+        "5. Audit trail",
     ):
         assert header in out
     assert "SIGKILL" in out
@@ -305,6 +306,16 @@ def test_demo(url: str) -> None:
         }
         for name, status in expected.items():
             assert db.status(name) is status, name
+        # The audit trail it printed is in the database, with the demo's principal.
+        trail = db.history("user_124")
+        assert [(e["step"], e["outcome"]) for e in trail] == [
+            ("begin", "ok"),
+            ("prepare", "prepared"),
+            ("commit", "committed"),
+            ("commit", "already"),
+            ("rollback", "failed"),
+        ]
+        assert {e["principal"] for e in trail} == {"demo"}
         for table in ("demo_users", "demo_jobs", "demo_orders", "demo_orchestration"):
             assert db.select_from(table).where(run_id=run_id).execute() == []  # cleaned up
     with twophase.connect(url) as db:

@@ -109,7 +109,7 @@ def run_demo(
     console: Console | None = None,
     keep: bool = False,
 ) -> None:
-    """Run the four scenarios on ``url`` (else $TWOPHASE_URL, else the embedded PostgreSQL).
+    """Run the scenarios on ``url`` (else $TWOPHASE_URL, else the embedded PostgreSQL).
 
     ``namespace`` prefixes the run's own namespace. Raises ``DemoFailed`` (or a
     ``TwoPhaseError``) if a step goes wrong; nothing is left prepared either way.
@@ -120,7 +120,7 @@ def run_demo(
     run = secrets.token_hex(3)
     run_ns = f"{namespace}:demo-{run}" if namespace else f"demo-{run}"
     _tidy_stale_runs(resolved, namespace, console)
-    with connect(resolved, namespace=run_ns) as db:
+    with connect(resolved, namespace=run_ns, audit=True, principal="demo") as db:
         console.print(
             f"[bold]twophase demo[/] on {escape(db.display_url)}\n"
             f"run {run}; transaction names are in namespace {escape(run_ns)}"
@@ -132,6 +132,7 @@ def run_demo(
             demo.rollback_on_failure()
             demo.crash_and_recovery()
             demo.idempotent_retry()
+            demo.audit_trail()
         except BaseException:
             # Best effort, and never hide the error that stopped the demo.
             try:
@@ -508,6 +509,28 @@ class _Demo:
         else:
             raise DemoFailed(f"rolling back the committed {name!r} should have been refused")
         self.expect_rows("demo_users", 1, id=124)
+
+
+    # -- 5. the audit trail -------------------------------------------------------------
+
+    def audit_trail(self) -> None:
+        self.header(
+            5,
+            "Audit trail",
+            "Every step above was recorded with who, when, how long and a correlation id: "
+            "here is user 124's history (db.history, or `twophase history user_124`).",
+        )
+        events = self.db.history("user_124")
+        if [e["step"] for e in events] != ["begin", "prepare", "commit", "commit", "rollback"]:
+            raise DemoFailed(f"unexpected audit trail for user_124: {events}")
+        for e in events:
+            took = f"{e['duration_ms']:.1f} ms"
+            detail = f"; {e['detail']}" if e["detail"] else ""
+            self.step(
+                e["step"],
+                f"{e['outcome']} in {took}, by {e['principal']}{detail}",
+                f"correlation id {escape(e['correlation_id'])}",
+            )
 
 
 def _short(age: timedelta | None) -> str:
