@@ -510,7 +510,6 @@ class _Demo:
             raise DemoFailed(f"rolling back the committed {name!r} should have been refused")
         self.expect_rows("demo_users", 1, id=124)
 
-
     # -- 5. the audit trail -------------------------------------------------------------
 
     def audit_trail(self) -> None:
