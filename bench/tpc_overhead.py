@@ -10,7 +10,10 @@ single-row insert done three ways:
 
 at 1 and 16 concurrent clients (threads), plus the async API with 16 tasks. It prints the
 environment, a table (median and spread over repeats) and the ratios (c)/(b) -- the price
-of the library -- and (b)/(a) -- the price of two-phase commit itself.
+of the library -- and (b)/(a) -- the price of two-phase commit itself. With --observe it
+adds (o), (c) with the audit log and OpenTelemetry tracing on, and the ratio (o)/(c).
+--slice MS makes the variants take turns within one window (robust on a shared machine);
+--schema NAME gives the run tables of its own, twophase's outcome table included.
 
     .venv/bin/python bench/tpc_overhead.py [--seconds 5] [--repeat 3] [--url URL] [--json]
 
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
 import platform
+import re
 import secrets
 import statistics
 import subprocess
@@ -39,6 +44,7 @@ from typing import Any, LiteralString
 
 import psycopg
 from psycopg.abc import Params
+from psycopg_pool import PoolTimeout
 
 import twophase
 
@@ -52,11 +58,15 @@ PAYLOAD = "benchmark payload, 32 bytes long"
 OUTCOME_TABLE = "twophase_outcome"
 # What the lead must report: twophase at no less than 95 % of hand-written 2PC throughput.
 TARGET = 0.95
+# With --observe: auditing and tracing every step may cost at most 10 % of (c)'s throughput.
+OBSERVE_TARGET = 0.9
+AUDIT_TABLE = "twophase_audit_log"
 
 VARIANT_LABELS = {
     "a": "plain psycopg (BEGIN; INSERT; COMMIT)",
     "b": "hand-written psycopg 2PC (BEGIN; INSERT; PREPARE; COMMIT PREPARED)",
     "c": "twophase begin_distributed + commit_distributed",
+    "o": "(c) observed: connect(audit=True, tracing=True), OpenTelemetry SDK, spans discarded",
 }
 # With --breakdown: (b) plus exactly the SQL twophase adds (its claim of the name), written by
 # hand. (b+)/(b) is then the price of the outcome record on the server and (c)/(b+) the
@@ -87,6 +97,32 @@ def check_claim_sql() -> str | None:
     if theirs == (claim_sql(probe),):
         return None
     return f"twophase's claim changed, so (b+) no longer mirrors it: {theirs!r}"
+
+
+def install_tracer_provider() -> str:
+    """Install an OpenTelemetry SDK tracer provider globally, for (o); its description.
+
+    A BatchSpanProcessor in front of an exporter that drops every batch: span creation,
+    attributes, the processor's queue and its export thread are all paid, network I/O is
+    not (it would measure the collector, not twophase). Spans of (o) only: the other
+    variants run no code that makes spans.
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class Discard(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    trace.set_tracer_provider(provider)
+    return "OpenTelemetry SDK TracerProvider + BatchSpanProcessor (defaults) + discarding exporter"
 
 
 def row_id(client: int, seq: int) -> int:
@@ -135,10 +171,38 @@ class SyncVariant(ABC):
         """Close every connection."""
 
 
+class SharedConns:
+    """With --slice: one set of psycopg connections for all the hand-written variants.
+
+    Only one variant runs at a time then, so (a), (b) and (b+) can take turns on the same
+    connections instead of opening three sets (the server's max_connections is shared
+    with everyone else). ``main`` are the clients' own, ``second`` (b)'s committers.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.main: list[psycopg.Connection[Any]] = []
+        self.second: list[psycopg.Connection[Any]] = []
+
+    def get(self, conns: list[psycopg.Connection[Any]], clients: int) -> list[Any]:
+        while len(conns) < clients:
+            conns.append(psycopg.connect(self.url, autocommit=True))
+        return conns
+
+    def close(self) -> None:
+        for conn in [*self.main, *self.second]:
+            conn.close()
+
+
 class PlainSync(SyncVariant):
     """(a): BEGIN; INSERT; COMMIT on the client's own connection."""
 
+    shared: SharedConns | None = None
+
     def open(self, clients: int) -> None:
+        if self.shared is not None:
+            self.conns = self.shared.get(self.shared.main, clients)
+            return
         # Autocommit plus explicit BEGIN/COMMIT sends exactly what psycopg's implicit
         # transactions send (BEGIN is its own round trip there too) and matches (b).
         self.conns = [psycopg.connect(self.url, autocommit=True) for _ in range(clients)]
@@ -150,19 +214,22 @@ class PlainSync(SyncVariant):
         conn.execute("COMMIT")
 
     def close(self) -> None:
-        for conn in self.conns:
-            conn.close()
+        if self.shared is None:
+            for conn in self.conns:
+                conn.close()
 
 
 class HandTpcSync(SyncVariant):
     """(b): BEGIN; INSERT; PREPARE TRANSACTION, then COMMIT PREPARED on a second connection.
 
-    twophase commits on whatever connection its pool lends; its pool is FIFO, so under
-    concurrency that is almost never the one that prepared, and in real use the commit
-    comes from a coordinator anyway. A dedicated second connection per client is the
+    twophase commits on whatever connection its pool lends (the one given back last: at
+    one client the one that prepared, under concurrency usually another), and in real use
+    the commit comes from a coordinator anyway. A dedicated second connection per client is the
     cheapest hand-written equivalent (no pool bookkeeping); ``--b-commit same`` commits on
     the preparing connection instead, to check that this choice does not matter.
     """
+
+    shared: SharedConns | None = None
 
     def __init__(self, url: str, name_prefix: str, *, same_conn: bool, claim: bool) -> None:
         super().__init__(url, name_prefix)
@@ -170,6 +237,12 @@ class HandTpcSync(SyncVariant):
         self.claim = claim
 
     def open(self, clients: int) -> None:
+        if self.shared is not None:
+            self.conns = self.shared.get(self.shared.main, clients)
+            self.committers = (
+                self.conns if self.same_conn else self.shared.get(self.shared.second, clients)
+            )
+            return
         self.conns = [psycopg.connect(self.url, autocommit=True) for _ in range(clients)]
         self.committers = (
             self.conns
@@ -189,21 +262,35 @@ class HandTpcSync(SyncVariant):
         self.committers[client].execute(f"COMMIT PREPARED '{gid}'".encode())
 
     def close(self) -> None:
+        if self.shared is not None:
+            return
         for conn in {id(c): c for c in [*self.conns, *self.committers]}.values():
             conn.close()
 
 
 class TwophaseSync(SyncVariant):
-    """(c): the library, inserting with ``tx.execute`` (the same SQL text as (a) and (b))."""
+    """(c): the library, inserting with ``tx.execute`` (the same SQL text as (a) and (b)).
 
-    def __init__(self, url: str, name_prefix: str, *, builder: bool) -> None:
+    (o) when ``observe``: every step also goes to the audit log (its own connection and
+    writer thread, tagged with this run's application_name, so its server time counts) and
+    becomes a span of the OpenTelemetry SDK installed by install_tracer_provider().
+    """
+
+    def __init__(self, url: str, name_prefix: str, *, builder: bool, observe: bool) -> None:
         super().__init__(url, name_prefix)
         self.builder = builder
+        self.observe = observe
 
     def open(self, clients: int) -> None:
         # pool_min = pool_max = clients: every client has a connection from the start, so
         # no measured run pays for the pool growing (the warm-up would hide most of it).
-        self.db = twophase.connect(self.url, pool_min=clients, pool_max=clients)
+        self.db = twophase.connect(
+            self.url,
+            pool_min=clients,
+            pool_max=clients,
+            audit=self.observe,
+            tracing=self.observe,
+        )
 
     def step(self, client: int, seq: int) -> None:
         name = tx_name(self.prefix, client, seq)
@@ -240,10 +327,33 @@ class AsyncVariant(ABC):
         """Close every connection."""
 
 
+class SharedAsyncConns:
+    """SharedConns for the async variants."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.main: list[psycopg.AsyncConnection[Any]] = []
+        self.second: list[psycopg.AsyncConnection[Any]] = []
+
+    async def get(self, conns: list[psycopg.AsyncConnection[Any]], clients: int) -> list[Any]:
+        while len(conns) < clients:
+            conns.append(await psycopg.AsyncConnection.connect(self.url, autocommit=True))
+        return conns
+
+    async def close(self) -> None:
+        for conn in [*self.main, *self.second]:
+            await conn.close()
+
+
 class PlainAsync(AsyncVariant):
     """(a) with psycopg's AsyncConnection."""
 
+    shared: SharedAsyncConns | None = None
+
     async def open(self, clients: int) -> None:
+        if self.shared is not None:
+            self.conns = await self.shared.get(self.shared.main, clients)
+            return
         self.conns = [
             await psycopg.AsyncConnection.connect(self.url, autocommit=True) for _ in range(clients)
         ]
@@ -255,12 +365,15 @@ class PlainAsync(AsyncVariant):
         await conn.execute("COMMIT")
 
     async def close(self) -> None:
-        for conn in self.conns:
-            await conn.close()
+        if self.shared is None:
+            for conn in self.conns:
+                await conn.close()
 
 
 class HandTpcAsync(AsyncVariant):
     """(b) with psycopg's AsyncConnection; see HandTpcSync for the commit connection."""
+
+    shared: SharedAsyncConns | None = None
 
     def __init__(self, url: str, name_prefix: str, *, same_conn: bool, claim: bool) -> None:
         super().__init__(url, name_prefix)
@@ -268,6 +381,12 @@ class HandTpcAsync(AsyncVariant):
         self.claim = claim
 
     async def open(self, clients: int) -> None:
+        if self.shared is not None:
+            self.conns = await self.shared.get(self.shared.main, clients)
+            self.committers = (
+                self.conns if self.same_conn else await self.shared.get(self.shared.second, clients)
+            )
+            return
         self.conns = [
             await psycopg.AsyncConnection.connect(self.url, autocommit=True) for _ in range(clients)
         ]
@@ -289,19 +408,28 @@ class HandTpcAsync(AsyncVariant):
         await self.committers[client].execute(f"COMMIT PREPARED '{gid}'".encode())
 
     async def close(self) -> None:
+        if self.shared is not None:
+            return
         for conn in {id(c): c for c in [*self.conns, *self.committers]}.values():
             await conn.close()
 
 
 class TwophaseAsync(AsyncVariant):
-    """(c) with ``twophase.connect_async``."""
+    """(c) (or (o), see TwophaseSync) with ``twophase.connect_async``."""
 
-    def __init__(self, url: str, name_prefix: str, *, builder: bool) -> None:
+    def __init__(self, url: str, name_prefix: str, *, builder: bool, observe: bool) -> None:
         super().__init__(url, name_prefix)
         self.builder = builder
+        self.observe = observe
 
     async def open(self, clients: int) -> None:
-        self.db = await twophase.connect_async(self.url, pool_min=clients, pool_max=clients)
+        self.db = await twophase.connect_async(
+            self.url,
+            pool_min=clients,
+            pool_max=clients,
+            audit=self.observe,
+            tracing=self.observe,
+        )
 
     async def step(self, client: int, seq: int) -> None:
         name = tx_name(self.prefix, client, seq)
@@ -421,21 +549,66 @@ def _summarise(
 ) -> RunResult:
     if w.errors:
         raise w.errors[0]
-    txns = sum(w.counts)
-    seconds = w.end - w.begin
-    lat = sorted(x for per_client in w.latencies for x in per_client)
+    acc = _CpuDelta()
+    acc.add(cpu0, cpu1)
+    return _result(
+        variant,
+        api,
+        clients,
+        repeat,
+        position,
+        sum(w.counts),
+        w.end - w.begin,
+        [x for per_client in w.latencies for x in per_client],
+        acc,
+    )
+
+
+@dataclass
+class _CpuDelta:
+    """CPU used over one window, or summed over the slices of one variant (--slice)."""
+
+    process: float = 0.0
+    server: int | None = 0
+    busy: int | None = 0
+    total: int = 0
+
+    def add(self, cpu0: _CpuSample, cpu1: _CpuSample) -> None:
+        self.process += cpu1.process - cpu0.process
+        if cpu0.server is None or cpu1.server is None or self.server is None:
+            self.server = None
+        else:
+            self.server += cpu1.server - cpu0.server
+        if not (cpu0.machine and cpu1.machine) or self.busy is None:
+            self.busy = None
+        else:
+            self.busy += cpu1.machine[0] - cpu0.machine[0]
+            self.total += cpu1.machine[1] - cpu0.machine[1]
+
+
+def _result(
+    variant: str,
+    api: str,
+    clients: int,
+    repeat: int,
+    position: int,
+    txns: int,
+    seconds: float,
+    latencies: list[float],
+    cpu: _CpuDelta,
+) -> RunResult:
+    lat = sorted(latencies)
     if not lat:
-        raise NoProgress(f"no transaction completed in the {seconds:.1f} s window")
+        raise NoProgress(f"({variant}) completed no transaction in its {seconds:.1f} s")
     hz = os.sysconf("SC_CLK_TCK")
-    client_s = cpu1.process - cpu0.process
+    client_s = cpu.process
     machine_us = busy_pct = server_us = other_pct = None
     server_s = 0.0
-    if cpu0.server is not None and cpu1.server is not None:
-        server_s = (cpu1.server - cpu0.server) / hz
+    if cpu.server is not None:
+        server_s = cpu.server / hz
         server_us = server_s / txns * 1e6
-    if cpu0.machine and cpu1.machine:
-        busy = cpu1.machine[0] - cpu0.machine[0]
-        total = cpu1.machine[1] - cpu0.machine[1]
+    if cpu.busy is not None:
+        busy, total = cpu.busy, cpu.total
         machine_us = busy / hz / txns * 1e6
         if total:
             busy_pct = 100.0 * busy / total
@@ -572,6 +745,187 @@ async def measure_async(
     return _summarise(key, "async", clients, repeat, position, w, cpu0, cpu1)
 
 
+SLICE_SEQ_BLOCK = 10_000_000
+
+
+@dataclass
+class _Sliced:
+    """What the clients of one variant did over its slices (--slice)."""
+
+    counts: list[int]
+    latencies: list[list[float]]
+    seqs: list[int]
+    seconds: float = 0.0
+    cpu: _CpuDelta = field(default_factory=_CpuDelta)
+
+
+def _sliced_state(keys: Sequence[str], clients: int) -> dict[str, _Sliced]:
+    """Empty tallies; each variant numbers its transactions from its own block of
+    SLICE_SEQ_BLOCK, since all of them insert into bench_rows within one window."""
+    return {
+        k: _Sliced([0] * clients, [[] for _ in range(clients)], [i * SLICE_SEQ_BLOCK] * clients)
+        for i, k in enumerate(keys)
+    }
+
+
+def _slice_plan(
+    keys: Sequence[str], warmup: float, seconds: float, slice_s: float
+) -> tuple[list[str], int]:
+    """The variants in slice order, and how many of the first slices are warm-up: each
+    variant gets ``seconds`` measured (and ``warmup`` unmeasured) in turns of ``slice_s``."""
+    rounds = max(1, round(seconds / slice_s))
+    warm = max(1, round(warmup / slice_s)) if warmup > 0 else 0
+    return [k for _ in range(warm + rounds) for k in keys], warm * len(keys)
+
+
+def measure_sliced_sync(
+    variants: dict[str, SyncVariant],
+    clients: int,
+    warmup: float,
+    seconds: float,
+    slice_s: float,
+    find_pids: Callable[[], list[int]],
+    *,
+    repeat: int,
+    shared: SharedConns | None = None,
+) -> list[RunResult]:
+    """All ``variants`` in one window, taking turns every ``slice_s`` seconds.
+
+    Every variant's connections stay open; at each turn all client threads finish the
+    transaction in flight (not counted), meet at a barrier, and the next variant runs until
+    its slice ends. A neighbour's burst of work, which lasts seconds, then falls on every
+    variant alike instead of on whichever ran at the time. Server CPU is that of all the
+    window's backends during a variant's slices: the others are idle then.
+    """
+    keys = list(variants)
+    order, warm_slices = _slice_plan(keys, warmup, seconds, slice_s)
+    got = _sliced_state(keys, clients)
+    barrier = threading.Barrier(clients + 1)
+    current: list[Any] = [None, 0.0, False]  # key, slice end, measured
+    errors: list[BaseException] = []
+
+    def worker(client: int) -> None:
+        while True:
+            barrier.wait()
+            key, end, measured = current
+            if key is None:
+                return
+            g = got[key]
+            step = variants[key].step
+            try:
+                while not errors and (t0 := time.perf_counter()) < end:
+                    step(client, g.seqs[client])
+                    g.seqs[client] += 1
+                    t1 = time.perf_counter()
+                    if measured and t1 <= end:
+                        g.counts[client] += 1
+                        g.latencies[client].append(t1 - t0)
+            except BaseException as exc:
+                errors.append(exc)
+            barrier.wait()
+
+    opened: list[SyncVariant] = []
+    try:
+        for v in variants.values():
+            v.open(clients)
+            opened.append(v)
+        pids = find_pids()
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+        for t in threads:
+            t.start()
+        try:
+            for i, key in enumerate(order):
+                measured = i >= warm_slices
+                current[:] = [key, time.perf_counter() + slice_s, measured]
+                barrier.wait()
+                cpu0 = _CpuSample.now(pids) if measured else None
+                start = time.perf_counter()
+                _sleep_until(current[1], threading.Event())
+                if cpu0 is not None:
+                    got[key].cpu.add(cpu0, _CpuSample.now(pids))
+                    got[key].seconds += current[1] - start
+                barrier.wait()
+                if errors:
+                    break
+        finally:
+            current[:] = [None, 0.0, False]
+            barrier.wait()
+            for t in threads:
+                t.join()
+    finally:
+        for v in opened:
+            v.close()
+        if shared is not None:
+            shared.close()
+    if errors:
+        raise errors[0]
+    return [_sliced_result(k, got[k], "sync", clients, repeat, keys.index(k)) for k in keys]
+
+
+async def measure_sliced_async(
+    variants: dict[str, AsyncVariant],
+    clients: int,
+    warmup: float,
+    seconds: float,
+    slice_s: float,
+    find_pids: Callable[[], list[int]],
+    *,
+    repeat: int,
+    shared: SharedAsyncConns | None = None,
+) -> list[RunResult]:
+    """The asyncio twin of measure_sliced_sync: one task per client, one event loop."""
+    keys = list(variants)
+    order, warm_slices = _slice_plan(keys, warmup, seconds, slice_s)
+    got = _sliced_state(keys, clients)
+
+    async def worker(client: int, key: str, end: float, measured: bool) -> None:
+        g = got[key]
+        step = variants[key].step
+        while (t0 := time.perf_counter()) < end:
+            await step(client, g.seqs[client])
+            g.seqs[client] += 1
+            t1 = time.perf_counter()
+            if measured and t1 <= end:
+                g.counts[client] += 1
+                g.latencies[client].append(t1 - t0)
+
+    opened: list[AsyncVariant] = []
+    try:
+        for v in variants.values():
+            await v.open(clients)
+            opened.append(v)
+        pids = find_pids()
+        for i, key in enumerate(order):
+            measured = i >= warm_slices
+            end = time.perf_counter() + slice_s
+            cpu0 = _CpuSample.now(pids) if measured else None
+            start = time.perf_counter()
+            tasks = [asyncio.create_task(worker(c, key, end, measured)) for c in range(clients)]
+            try:
+                await asyncio.sleep(max(0.0, end - time.perf_counter()))
+                if cpu0 is not None:
+                    got[key].cpu.add(cpu0, _CpuSample.now(pids))
+                    got[key].seconds += end - start
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for v in opened:
+            await v.close()
+        if shared is not None:
+            await shared.close()
+    return [_sliced_result(k, got[k], "async", clients, repeat, keys.index(k)) for k in keys]
+
+
+def _sliced_result(
+    key: str, g: _Sliced, api: str, clients: int, repeat: int, position: int
+) -> RunResult:
+    lat = [x for per_client in g.latencies for x in per_client]
+    return _result(key, api, clients, repeat, position, sum(g.counts), g.seconds, lat, g.cpu)
+
+
 # --------------------------------------------------------------------------------------
 # Database housekeeping
 # --------------------------------------------------------------------------------------
@@ -583,13 +937,32 @@ SERVER_WAIT = 120.0
 # other work on the machine disturbed (--max-other-pct) is started again: at most this many
 # attempts for each of the two causes (restarts; disturbances).
 MAX_ATTEMPTS = 3
+# Other people's test suites can take every connection the server allows for a while; a run
+# that cannot connect then waits for slots to free up, this long at most.
+CROWDED_WAIT = 180.0
+
+
+def _too_many_clients(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is the server refusing a connection for want of
+    slots (max_connections reached), a transient condition on a shared server. A pool that
+    could not fill itself in time says only that (the refusals went to its log)."""
+    while exc is not None:
+        if isinstance(exc, psycopg.errors.TooManyConnections | PoolTimeout) or (
+            "too many clients" in str(exc)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class Admin:
     """The benchmark's own autocommit connection, reopened after a server restart."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, schema: str | None = None) -> None:
         self.url = url
+        # A bound on TRUNCATE and friends: only a stray of ours could block them, and those
+        # are rolled back first, so waiting would mean a bug.
+        self.options = "-c lock_timeout=10s" + (f" -c search_path={schema}" if schema else "")
         self._conn: psycopg.Connection[Any] | None = None
 
     def conn(self) -> psycopg.Connection[Any]:
@@ -598,11 +971,7 @@ class Admin:
             deadline = time.monotonic() + SERVER_WAIT
             while True:
                 try:
-                    # A bound on TRUNCATE and friends: only a stray of ours could block them,
-                    # and those are rolled back first, so waiting would mean a bug.
-                    self._conn = psycopg.connect(
-                        self.url, autocommit=True, options="-c lock_timeout=10s"
-                    )
+                    self._conn = psycopg.connect(self.url, autocommit=True, options=self.options)
                     break
                 except psycopg.OperationalError:
                     if time.monotonic() > deadline:
@@ -630,6 +999,15 @@ class Admin:
         """The server processes of the connections that carry ``application_name``."""
         rows = self.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+        ).fetchall()
+        return [pid for (pid,) in rows]
+
+    def backend_pids_tagged(self, tag: str) -> list[int]:
+        """The server processes of the connections whose application_name starts with
+        ``tag``."""
+        rows = self.execute(
+            "SELECT pid FROM pg_stat_activity WHERE left(application_name, %s) = %s",
+            (len(tag), tag),
         ).fetchall()
         return [pid for (pid,) in rows]
 
@@ -775,6 +1153,13 @@ def cleanup(admin: Admin, prefix: str) -> dict[str, int]:
         # autovacuum may be off (it is on the reference server): reclaim the dead rows so
         # the table is left as compact as the benchmark found it.
         admin.execute(f"VACUUM {OUTCOME_TABLE}")
+    audit_deleted = 0
+    if admin.execute("SELECT to_regclass(%s)", (AUDIT_TABLE,)).fetchone() != (None,):
+        audit_deleted = admin.execute(
+            f"DELETE FROM {AUDIT_TABLE} WHERE left(name, %s) = %s", (len(prefix), prefix)
+        ).rowcount
+        if audit_deleted:
+            admin.execute(f"VACUUM {AUDIT_TABLE}")
     admin.execute(f"DROP TABLE IF EXISTS {TABLE}")
     left = admin.execute(
         "SELECT count(*) FROM pg_prepared_xacts WHERE left(gid, %s) = %s OR left(gid, %s) = %s",
@@ -783,6 +1168,7 @@ def cleanup(admin: Admin, prefix: str) -> dict[str, int]:
     return {
         "rolled_back_stray_prepared": stray,
         "deleted_outcome_rows": deleted,
+        "deleted_audit_rows": audit_deleted,
         "still_prepared": left[0] if left else -1,
     }
 
@@ -809,6 +1195,9 @@ class Plan:
     quiet_pct: float
     max_other_pct: float
     prefix: str
+    tracer: str = ""  # what install_tracer_provider() set up, when (o) runs
+    slice: float = 0.0  # --slice in seconds: the variants take turns within one window
+    schema: str | None = None  # --schema: tables (twophase's too) in a schema of their own
 
 
 def make_sync(key: str, plan: Plan, names: str) -> SyncVariant:
@@ -817,7 +1206,7 @@ def make_sync(key: str, plan: Plan, names: str) -> SyncVariant:
         return PlainSync(plan.url, names)
     if key in ("b", "b+"):
         return HandTpcSync(plan.url, names, same_conn=plan.same_conn, claim=key == "b+")
-    return TwophaseSync(plan.url, names, builder=plan.builder)
+    return TwophaseSync(plan.url, names, builder=plan.builder, observe=key == "o")
 
 
 def make_async(key: str, plan: Plan, names: str) -> AsyncVariant:
@@ -826,7 +1215,7 @@ def make_async(key: str, plan: Plan, names: str) -> AsyncVariant:
         return PlainAsync(plan.url, names)
     if key in ("b", "b+"):
         return HandTpcAsync(plan.url, names, same_conn=plan.same_conn, claim=key == "b+")
-    return TwophaseAsync(plan.url, names, builder=plan.builder)
+    return TwophaseAsync(plan.url, names, builder=plan.builder, observe=key == "o")
 
 
 def run_all(plan: Plan, admin: Admin, log: Callable[[str], None]) -> list[RunResult]:
@@ -841,6 +1230,16 @@ def run_all(plan: Plan, admin: Admin, log: Callable[[str], None]) -> list[RunRes
             # Interleave a, b, c and rotate the starting variant each repeat, so slow drift
             # (and whatever a run leaves behind for the next one) hits every variant alike.
             order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
+            if plan.slice:
+                for r in run_sliced(plan, admin, log, numbers, api, order, clients, rep):
+                    results.append(r)
+                    log(
+                        f"  rep {rep + 1}/{plan.repeat} {api:5s} clients={clients:2d} "
+                        f"({r.variant}) {r.tps:8.1f} tx/s  p50 {r.p50_ms:6.2f} ms  "
+                        f"client CPU {r.client_cpu_us_per_txn:6.0f} us/tx  "
+                        f"other {r.other_busy_pct or 0:.0f}% of the machine"
+                    )
+                continue
             for position, key in enumerate(order):
                 r = run_one(plan, admin, log, numbers, api, key, clients, rep, position)
                 results.append(r)
@@ -852,6 +1251,90 @@ def run_all(plan: Plan, admin: Admin, log: Callable[[str], None]) -> list[RunRes
                     + ("  DISTURBED" if r.disturbed else "")
                 )
     return results
+
+
+def run_sliced(
+    plan: Plan,
+    admin: Admin,
+    log: Callable[[str], None],
+    numbers: Iterator[int],
+    api: str,
+    keys: list[str],
+    clients: int,
+    rep: int,
+) -> list[RunResult]:
+    """One window in which ``keys`` take turns (--slice); again after a server restart.
+
+    Nothing is re-run for being disturbed: every variant shared the disturbance.
+    """
+    restarts = 0
+    crowded_until: float | None = None
+    while True:
+        # One tag for the window: application_name finds all its backends by it.
+        window = f"{plan.prefix}.w{next(numbers):03d}"
+        names = {k: f"{window}{k}" for k in keys}
+        started = admin.server_started_at()
+        try:
+            reset_between_runs(admin, plan.prefix)
+            quiet = wait_for_quiet(plan.settle, plan.quiet_pct) if plan.settle else None
+            load = os.getloadavg()[0]
+            prepared = admin.prepared_count()
+            finder = functools.partial(admin.backend_pids_tagged, window)
+            shared_url = with_app_name(plan.url, f"{window}hand")
+            if api == "sync":
+                shared = SharedConns(shared_url)
+                sync_variants = {k: make_sync(k, plan, names[k]) for k in keys}
+                for v in sync_variants.values():
+                    if isinstance(v, PlainSync | HandTpcSync):
+                        v.shared = shared
+                results = measure_sliced_sync(
+                    sync_variants,
+                    clients,
+                    plan.warmup,
+                    plan.seconds,
+                    plan.slice,
+                    finder,
+                    repeat=rep,
+                    shared=shared,
+                )
+            else:
+                shared_async = SharedAsyncConns(shared_url)
+                async_variants = {k: make_async(k, plan, names[k]) for k in keys}
+                for av in async_variants.values():
+                    if isinstance(av, PlainAsync | HandTpcAsync):
+                        av.shared = shared_async
+                results = asyncio.run(
+                    measure_sliced_async(
+                        async_variants,
+                        clients,
+                        plan.warmup,
+                        plan.seconds,
+                        plan.slice,
+                        finder,
+                        repeat=rep,
+                        shared=shared_async,
+                    )
+                )
+        except (psycopg.Error, twophase.TwoPhaseError) as exc:
+            if _too_many_clients(exc):
+                crowded_until = crowded_until or time.monotonic() + CROWDED_WAIT
+                if time.monotonic() > crowded_until:
+                    raise
+                log(f"  {api} x{clients}: the server has no connection slot free; waiting")
+                time.sleep(5.0)
+                continue
+            admin.drop()
+            restarts += 1
+            if restarts >= MAX_ATTEMPTS or admin.server_started_at() == started:
+                raise
+            log(f"  server restarted during {api} x{clients}: {exc}; again")
+            continue
+        for r in results:
+            r.attempt = restarts + 1
+            r.load_avg_1m_before = round(load, 2)
+            r.busy_pct_before = quiet
+            r.prepared_xacts_before = prepared
+        return results
 
 
 def run_one(
@@ -867,6 +1350,7 @@ def run_one(
 ) -> RunResult:
     """One measured run, started again after a server restart or a disturbance."""
     restarts = spoiled = 0
+    crowded_until: float | None = None
     what = f"({key}) {api} x{clients}"
     while True:
         # A fresh name prefix per attempt: twophase names are single-use once committed,
@@ -897,6 +1381,13 @@ def run_one(
             log(f"  {what}: {exc}; again")
             continue
         except (psycopg.Error, twophase.TwoPhaseError) as exc:
+            if _too_many_clients(exc):
+                crowded_until = crowded_until or time.monotonic() + CROWDED_WAIT
+                if time.monotonic() > crowded_until:
+                    raise
+                log(f"  {what}: the server has no connection slot free; waiting")
+                time.sleep(5.0)
+                continue
             admin.drop()
             restarts += 1
             if restarts >= MAX_ATTEMPTS or admin.server_started_at() == started:
@@ -961,55 +1452,73 @@ def summarise(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], list[
             for row in summary
             if row["api"] == r_api and row["clients"] == r_clients
         }
-        if not {"a", "b", "c"} <= by_key.keys():
-            continue  # --variants left out one of the three the ratios need
-        b_runs, c_runs = (
-            [r for r in results if (r.api, r.clients, r.variant) == (r_api, r_clients, k)]
-            for k in "bc"
-        )
-        # Runs of one repeat ran back to back, so their ratio cancels drift between repeats.
-        paired = [c.tps / b.tps for b, c in zip(b_runs, c_runs, strict=True)]
-        c_over_b = by_key["c"]["median_tps"] / by_key["b"]["median_tps"]
-        # The verdict rests on the repeats whose (b) and (c) both ran undisturbed: on a
-        # shared machine a neighbour's burst can halve one run and flip its ratio. It is
-        # given only when all of those land on the same side of the target.
-        clean = [
-            c.tps / b.tps
-            for b, c in zip(b_runs, c_runs, strict=True)
-            if not (b.disturbed or c.disturbed)
-        ]
-        verdict: bool | None = None
-        doubts = []
-        if len(clean) < len(paired):
-            doubts.append(
-                f"{len(paired) - len(clean)} repeat(s) with a disturbed (b) or (c) left out"
+
+        def runs_of(key: str, api: str = r_api, clients: int = r_clients) -> list[RunResult]:
+            return [r for r in results if (r.api, r.clients, r.variant) == (api, clients, key)]
+
+        ratio: dict[str, Any] = {"api": r_api, "clients": r_clients}
+        if {"a", "b", "c"} <= by_key.keys():
+            paired, clean, verdict, doubts = _paired(
+                runs_of("b"), runs_of("c"), TARGET, "(b)", "(c)"
             )
-        if not clean:
-            doubts.append("no undisturbed repeat")
-        elif all(x >= TARGET for x in clean):
-            verdict = True
-        elif all(x < TARGET for x in clean):
-            verdict = False
-        else:
-            doubts.append("undisturbed repeats fall on both sides of the target")
-        ratio: dict[str, Any] = {
-            "api": r_api,
-            "clients": r_clients,
-            "c_over_b": c_over_b,
-            "c_over_b_paired": paired,
-            "b_over_a": by_key["b"]["median_tps"] / by_key["a"]["median_tps"],
-            "target_c_over_b": TARGET,
-            "c_over_b_undisturbed": clean,
-            # None: inconclusive, see "doubts".
-            "target_met": verdict,
-            "doubts": doubts,
-        }
-        if "b+" in by_key:
-            plus = by_key["b+"]["median_tps"]
-            ratio["bplus_over_b"] = plus / by_key["b"]["median_tps"]
-            ratio["c_over_bplus"] = by_key["c"]["median_tps"] / plus
-        ratios.append(ratio)
+            ratio |= {
+                "c_over_b": by_key["c"]["median_tps"] / by_key["b"]["median_tps"],
+                "c_over_b_paired": paired,
+                "b_over_a": by_key["b"]["median_tps"] / by_key["a"]["median_tps"],
+                "target_c_over_b": TARGET,
+                "c_over_b_undisturbed": clean,
+                # None: inconclusive, see "doubts".
+                "target_met": verdict,
+                "doubts": doubts,
+            }
+            if "b+" in by_key:
+                plus = by_key["b+"]["median_tps"]
+                ratio["bplus_over_b"] = plus / by_key["b"]["median_tps"]
+                ratio["c_over_bplus"] = by_key["c"]["median_tps"] / plus
+        if {"c", "o"} <= by_key.keys():
+            paired, clean, verdict, doubts = _paired(
+                runs_of("c"), runs_of("o"), OBSERVE_TARGET, "(c)", "(o)"
+            )
+            ratio |= {
+                "o_over_c": by_key["o"]["median_tps"] / by_key["c"]["median_tps"],
+                "o_over_c_paired": paired,
+                "target_o_over_c": OBSERVE_TARGET,
+                "o_over_c_undisturbed": clean,
+                "observe_target_met": verdict,
+                "observe_doubts": doubts,
+            }
+        if len(ratio) > 2:
+            ratios.append(ratio)
     return summary, ratios
+
+
+def _paired(
+    base: Sequence[RunResult], other: Sequence[RunResult], target: float, b: str, o: str
+) -> tuple[list[float], list[float], bool | None, list[str]]:
+    """other/base per repeat, those of undisturbed repeats, the verdict and its doubts.
+
+    Runs of one repeat ran back to back, so their ratio cancels drift between repeats. The
+    verdict rests on the repeats whose two runs both ran undisturbed: on a shared machine a
+    neighbour's burst can halve one run and flip its ratio. It is given only when all of
+    those land on the same side of the target (None: inconclusive).
+    """
+    paired = [y.tps / x.tps for x, y in zip(base, other, strict=True)]
+    clean = [
+        y.tps / x.tps for x, y in zip(base, other, strict=True) if not (x.disturbed or y.disturbed)
+    ]
+    verdict: bool | None = None
+    doubts = []
+    if len(clean) < len(paired):
+        doubts.append(f"{len(paired) - len(clean)} repeat(s) with a disturbed {b} or {o} left out")
+    if not clean:
+        doubts.append("no undisturbed repeat")
+    elif all(x >= target for x in clean):
+        verdict = True
+    elif all(x < target for x in clean):
+        verdict = False
+    else:
+        doubts.append("undisturbed repeats fall on both sides of the target")
+    return paired, clean, verdict, doubts
 
 
 def _num(x: float | None, width: int) -> str:
@@ -1035,17 +1544,25 @@ def render(report: dict[str, Any]) -> str:
         f"Python {env['python']}, psycopg {env['psycopg']} ({env['psycopg_impl']}, "
         f"libpq {env['libpq']}), twophase {env['twophase']} ({env['twophase_source']})",
         f"  plan       {plan['seconds']} s measured after {plan['warmup']} s warm-up, "
-        f"x{plan['repeat']} interleaved; (b) commits on the "
+        f"x{plan['repeat']} interleaved"
+        + (
+            f" (within one window, taking turns every {plan['slice'] * 1000:.0f} ms)"
+            if plan.get("slice")
+            else ""
+        )
+        + "; (b) commits on the "
         f"{'same' if plan['same_conn'] else 'second'} connection; (c) inserts with "
         f"{'the query builder' if plan['builder'] else 'tx.execute'}; each run waits up to "
-        f"{plan['settle']} s for a second with the machine < {plan['quiet_pct']}% busy",
+        f"{plan['settle']} s for a second with the machine < {plan['quiet_pct']}% busy"
+        + (f"; tables in schema {plan['schema']}" if plan.get("schema") else ""),
         "",
         "Variants",
         *(
             f"  ({k}) {VARIANT_LABELS.get(k, BREAKDOWN_LABEL)}"
-            for k in ["a", "b", "b+", "c"]
+            for k in ["a", "b", "b+", "c", "o"]
             if k in plan["variants"]
         ),
+        *([f"  (o) tracing: {plan['tracer']}"] if plan.get("tracer") else []),
         "",
         "Results (median of the repeats; CPU is microseconds per transaction: 'client' this",
         "process, 'server' this run's backends, 'other' the rest of the machine's busy time --",
@@ -1068,24 +1585,40 @@ def render(report: dict[str, Any]) -> str:
             + (f"  {row['disturbed_runs']} disturbed run(s)" if row["disturbed_runs"] else "")
         )
     lines += ["", "Ratios (of medians; paired = per repeat, c and b measured back to back)"]
+    verdicts = {True: "meets", False: "MISSES", None: "INCONCLUSIVE for"}
     for r in report["ratios"]:
-        paired = ", ".join(f"{x:.3f}" for x in r["c_over_b_paired"])
-        verdict = {True: "meets", False: "MISSES", None: "INCONCLUSIVE for"}[r["target_met"]]
-        clean = ", ".join(f"{x:.3f}" for x in r["c_over_b_undisturbed"]) or "none"
-        lines.append(
-            f"  {r['api']:5s} {r['clients']:2d} clients: (c)/(b) = {r['c_over_b']:.3f} "
-            f"[paired {paired}] {verdict} the >= {TARGET} target;  "
-            f"(b)/(a) = {r['b_over_a']:.3f}"
-        )
-        lines.append(
-            f"  {'':5s} {'':2s}          verdict from undisturbed repeats [{clean}]"
-            + (f" ({'; '.join(r['doubts'])})" if r["doubts"] else "")
-        )
+        head = f"  {r['api']:5s} {r['clients']:2d} clients: "
+        pad = " " * len(head)
+        if "c_over_b" in r:
+            paired = ", ".join(f"{x:.3f}" for x in r["c_over_b_paired"])
+            clean = ", ".join(f"{x:.3f}" for x in r["c_over_b_undisturbed"]) or "none"
+            lines.append(
+                f"{head}(c)/(b) = {r['c_over_b']:.3f} [paired {paired}] "
+                f"{verdicts[r['target_met']]} the >= {TARGET} target;  "
+                f"(b)/(a) = {r['b_over_a']:.3f}"
+            )
+            lines.append(
+                f"{pad}verdict from undisturbed repeats [{clean}]"
+                + (f" ({'; '.join(r['doubts'])})" if r["doubts"] else "")
+            )
+            head = pad
         if "bplus_over_b" in r:
             lines.append(
-                f"  {'':5s} {'':2s}          split: (b+)/(b) = {r['bplus_over_b']:.3f} "
+                f"{pad}split: (b+)/(b) = {r['bplus_over_b']:.3f} "
                 f"(outcome row, server side) x (c)/(b+) = {r['c_over_bplus']:.3f} "
                 "(library Python code)"
+            )
+        if "o_over_c" in r:
+            paired = ", ".join(f"{x:.3f}" for x in r["o_over_c_paired"])
+            clean = ", ".join(f"{x:.3f}" for x in r["o_over_c_undisturbed"]) or "none"
+            lines.append(
+                f"{head}(o)/(c) = {r['o_over_c']:.3f} [paired {paired}] "
+                f"{verdicts[r['observe_target_met']]} the >= {OBSERVE_TARGET} target "
+                "(audit + tracing)"
+            )
+            lines.append(
+                f"{pad}verdict from undisturbed repeats [{clean}]"
+                + (f" ({'; '.join(r['observe_doubts'])})" if r["observe_doubts"] else "")
             )
     ot = report["outcome_table"]
     lines += [
@@ -1093,12 +1626,11 @@ def render(report: dict[str, Any]) -> str:
         f"twophase_outcome: {ot['before']['rows']} rows / {ot['before']['bytes'] // 1024} kB "
         f"before, {ot['after_runs']['rows']} rows / {ot['after_runs']['bytes'] // 1024} kB "
         f"after the runs ({ot['after_runs']['bench_rows']} of them this benchmark's: one per "
-        f"{'(c) and (b+)' if 'b+' in plan['variants'] else '(c)'} transaction, warm-ups "
-        "included).",
+        f"{', '.join(f'({k})' for k in plan['variants'] if k in ('b+', 'c', 'o'))} "
+        "transaction, warm-ups included).",
         "Cleanup: {rolled_back_stray_prepared} stray prepared rolled back, "
-        "{deleted_outcome_rows} outcome rows deleted, {still_prepared} still prepared.".format(
-            **report["cleanup"]
-        ),
+        "{deleted_outcome_rows} outcome rows and {deleted_audit_rows} audit rows deleted, "
+        "{still_prepared} still prepared.".format(**report["cleanup"]),
     ]
     return "\n".join(lines)
 
@@ -1126,9 +1658,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="add (b+): (b) plus twophase's claim SQL, to split (c)/(b) into server and client",
     )
     p.add_argument(
+        "--schema",
+        help="run in this schema (made, and dropped at the end, if missing): a fresh\n"
+        "twophase_outcome of its own rather than the database's shared one (README)",
+    )
+    p.add_argument(
+        "--slice",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="interleave the variants within one window, taking turns every MS milliseconds\n"
+        "(robust to other work on a shared machine; see bench/README.md)",
+    )
+    p.add_argument(
+        "--observe",
+        action="store_true",
+        help="add (o): (c) with audit=True, tracing=True and an OpenTelemetry SDK; (o)/(c)",
+    )
+    p.add_argument(
         "--variants",
         default="a,b,c",
-        help="which variants to run, of a,b,b+,c (e.g. 'c' alone to profile it with py-spy)",
+        help="which variants to run, of a,b,b+,c,o (e.g. 'c' alone to profile it with py-spy)",
     )
     p.add_argument(
         "--settle",
@@ -1152,11 +1702,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.breakdown and "b+" not in variants:
         variants.insert(variants.index("c") if "c" in variants else len(variants), "b+")
-    if not variants or not set(variants) <= {"a", "b", "b+", "c"}:
-        p.error(f"--variants takes a comma-separated subset of a,b,b+,c, got {args.variants!r}")
+    if args.observe and "o" not in variants:
+        variants.append("o")
+    if not variants or not set(variants) <= {"a", "b", "b+", "c", "o"}:
+        p.error(f"--variants takes a comma-separated subset of a,b,b+,c,o, got {args.variants!r}")
     args.variant_list = variants
-    if args.seconds <= 0 or args.warmup < 0 or args.repeat < 1:
-        p.error("need --seconds > 0, --warmup >= 0 and --repeat >= 1")
+    if args.schema is not None:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", args.schema):
+            p.error(f"--schema takes a lower-case SQL identifier, got {args.schema!r}")
+        if "options=" in args.url:
+            p.error("--schema sets the connections' options; drop options= from --url")
+        sep = "&" if "?" in args.url else "?"
+        args.url = f"{args.url}{sep}options=-csearch_path%3D{args.schema}"
+    if args.seconds <= 0 or args.warmup < 0 or args.repeat < 1 or args.slice < 0:
+        p.error("need --seconds > 0, --warmup >= 0, --repeat >= 1 and --slice >= 0")
     return args
 
 
@@ -1182,12 +1741,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Lower-case hex, dots and digits only: valid as a twophase name, safe to inline as a
         # gid, and unique per invocation so concurrent benchmarks never clean up each other.
         prefix=f"tpbench-{secrets.token_hex(3)}",
+        slice=args.slice / 1000.0,
+        schema=args.schema,
     )
+    if "o" in plan.variants:
+        plan.tracer = install_tracer_provider()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    admin = Admin(plan.url)
+    admin = Admin(plan.url, args.schema)
+    made_schema = False
+    if args.schema:
+        made_schema = (
+            admin.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (args.schema,)
+            ).fetchone()
+            is None
+        )
+        if made_schema:
+            admin.execute(f'CREATE SCHEMA "{args.schema}"'.encode())
     try:
         env = environment(admin)
         admin.execute(f"DROP TABLE IF EXISTS {TABLE}")
@@ -1212,6 +1785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"cleanup: {cleaned}")
     finally:
         admin.drop()
+        if made_schema:
+            admin.execute(f'DROP SCHEMA "{args.schema}" CASCADE'.encode())
+            admin.drop()
 
     summary, ratios = summarise(results)
     report = {

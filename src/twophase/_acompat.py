@@ -6,6 +6,10 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import psycopg
+from psycopg.generators import execute as _pq_execute
+from psycopg.pq.abc import PGresult
+
 T = TypeVar("T")
 
 AsyncSemaphore = asyncio.BoundedSemaphore
@@ -56,6 +60,17 @@ async def settle(
             return await call()
 
     return list(await asyncio.gather(*(bounded(c) for c in calls), return_exceptions=True))
+
+
+async def pg_exec(raw: psycopg.AsyncConnection[Any], sql: bytes) -> list[PGresult]:
+    """Send ``sql`` through libpq's simple-query protocol; the result of each statement.
+
+    Through psycopg's wait(), as its own execute does: on cancellation it cancels the
+    statement on the server too.
+    """
+    pgconn = raw.pgconn
+    pgconn.send_query(sql)
+    return await raw.wait(_pq_execute(pgconn))
 
 
 def mysql_cursor_class() -> Any:

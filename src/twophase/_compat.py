@@ -10,6 +10,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import psycopg
+from psycopg.generators import execute as _pq_execute
+from psycopg.pq.abc import PGresult
+
 T = TypeVar("T")
 
 Semaphore = threading.BoundedSemaphore
@@ -76,6 +80,25 @@ def settle(calls: Sequence[Callable[[], T]], limit: int | None = None) -> list[T
         except Exception as exc:
             out.append(exc)
     return out
+
+
+_MAIN_THREAD = threading.main_thread().ident
+
+
+def pg_exec(raw: psycopg.Connection[Any], sql: bytes) -> list[PGresult]:
+    """Send ``sql`` through libpq's simple-query protocol; the result of each statement
+    (outside the main thread: of the last one, or of the one that failed).
+
+    In the main thread through psycopg's wait(), as its own execute does, so Ctrl-C
+    cancels the statement on the server. Other threads never see KeyboardInterrupt, so
+    there libpq's blocking PQexec does the same job (the GIL released while it waits)
+    without psycopg's generator machinery, which costs more than the call itself.
+    """
+    pgconn = raw.pgconn
+    if threading.get_ident() == _MAIN_THREAD:
+        pgconn.send_query(sql)
+        return raw.wait(_pq_execute(pgconn))
+    return [pgconn.exec_(sql)]
 
 
 def mysql_cursor_class() -> Any:

@@ -41,7 +41,7 @@ from ..protocol import (
     status_of,
 )
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
-from .driver import AsyncConn, AsyncPool, Params
+from .driver import AsyncConn, AsyncLending, AsyncPool, Params
 from .retry import DEFAULT_TTL, AsyncTransactionRetry
 
 T = TypeVar("T")
@@ -209,6 +209,10 @@ class AsyncStaged:
         self.tx = AsyncTransaction(db, conn, name)
         #: Set once PREPARE succeeded.
         self.prepared = False
+        #: Set before prepare() to keep the session after a successful PREPARE, so that
+        #: commit_held() runs COMMIT PREPARED on it; release() hands it back otherwise.
+        self.hold = False
+        self._held: AsyncExitStack | None = None
 
     async def prepare(self) -> None:
         """Prepare the transaction and hand its connection back; on failure roll it back."""
@@ -247,7 +251,7 @@ class AsyncStaged:
             else:
                 try:
                     for stmt in dialect.prepare(name):
-                        await conn.run(stmt)
+                        await conn.command(stmt)
                 except Exception as exc:
                     failure, kind = exc, dialect.classify(exc)
                     if kind is not ErrorKind.CONNECTION:
@@ -256,6 +260,8 @@ class AsyncStaged:
                     self.prepared = True
                     if dialect.prepare_detaches_session:
                         conn.discard()
+                    elif self.hold:
+                        self._held = self._stack.pop_all()
         if failure is None:
             log.debug("prepared %s", name)
             return
@@ -277,6 +283,35 @@ class AsyncStaged:
                 "transaction; move them out of the distributed transaction"
             ) from failure
         db._raise(failure, f"could not prepare {str(name)!r}; it was rolled back")
+
+    async def commit_held(self) -> bool:
+        """Commit the prepared transaction on the session kept by ``hold``, then hand it
+        back; without one, or if that session fails, as ``commit_distributed`` does (a fresh
+        connection, retries, the outcome record). True if this call committed it."""
+        held, self._held = self._held, None
+        db, name = self._db, self.name
+        if held is None:
+            return await db._finish(Action.COMMIT, name, self.correlation_id)
+        db._refuse_nesting("commit_distributed()")
+        started = time.time()
+        try:
+            async with held:
+                await self._conn.command(db.dialect.commit_prepared(name))
+        except Exception:
+            # Whatever happened (a lost session, someone else finished it), the retrying
+            # path finds out from the server and answers as a retried commit would.
+            log.debug("commit of %s on its own session failed; retrying", name, exc_info=True)
+            return await db._finish(Action.COMMIT, name, self.correlation_id)
+        log.debug("commit %s", name)
+        if db._events:
+            db._emit(Step.COMMIT, name, Outcome.COMMITTED, started, self.correlation_id)
+        return True
+
+    async def release(self) -> None:
+        """Hand back the session kept by ``hold`` when the commit will not run on it."""
+        held, self._held = self._held, None
+        if held is not None:
+            await held.aclose()
 
     async def abandon(self, reason: str = "abandoned before prepare") -> None:
         """Roll the transaction back (best effort) and hand its connection back."""
@@ -513,19 +548,32 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         (a restarted server leaves dead connections in the pool) is replaced and the
         statements run again, until ``retry_timeout``. Other errors go to ``failed``.
         """
+        async with await self._open(stmts, abort, failed, tpc=tpc) as conn:
+            yield conn
+
+    async def _open(
+        self,
+        stmts: tuple[str, ...],
+        abort: tuple[str, ...],
+        failed: Callable[[Exception], NoReturn],
+        *,
+        tpc: bool = False,
+    ) -> AsyncLending:
+        """:meth:`_begun` without the block: the loan of the connection, already lent, for
+        the caller to enter (a block or an exit stack) so it goes back to the pool."""
         deadline = time.monotonic() + self._retry_timeout
         delay = 0.05
         while True:
-            stack = AsyncExitStack()
-            conn: AsyncConn | None = None
+            lending = self._pool.connection()
+            conn = await lending.__aenter__()
             try:
-                conn = lent = await stack.enter_async_context(self._pool.connection())
                 for stmt in stmts:
-                    await lent.run(stmt)
+                    await conn.command(stmt)
             except Exception as exc:
-                if conn is not None:
+                try:
                     await self._quietly(conn, abort, tpc_error=tpc)
-                await stack.aclose()
+                finally:
+                    await lending.__aexit__(None, None, None)
                 lost = self.dialect.classify(exc) is ErrorKind.CONNECTION
                 if not lost or time.monotonic() > deadline:
                     failed(exc)
@@ -534,10 +582,12 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 await _acompat.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            assert conn is not None  # the try block either set it or continued
-            async with stack:
-                yield conn
-            return
+            except BaseException:
+                # Cancelled mid-statement: the session's state is unknown, so it is dropped.
+                conn.discard()
+                await lending.__aexit__(None, None, None)
+                raise
+            return lending
 
     # -- distributed transactions -----------------------------------------------------
 
@@ -581,7 +631,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         return staged
 
     async def _claim(self, txname: TxName, cid: str) -> AsyncStaged:
-        await self._ensure_ready(prepare=True)
+        if not (self._schema_ready and self._prepared_ok):  # _ensure_ready's test, inlined
+            await self._ensure_ready(prepare=True)
         dialect = self.dialect
 
         def failed(exc: Exception) -> NoReturn:
@@ -598,9 +649,9 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 ) from exc
             self._raise(exc, f"could not begin {str(txname)!r}")
 
+        lending = await self._open(dialect.claim(txname), dialect.abort(txname), failed, tpc=True)
         stack = AsyncExitStack()
-        claim, abort = dialect.claim(txname), dialect.abort(txname)
-        conn = await stack.enter_async_context(self._begun(claim, abort, failed, tpc=True))
+        conn = await stack.enter_async_context(lending)
         return AsyncStaged(self, stack, conn, txname, cid)
 
     async def begin_distributed(
@@ -695,7 +746,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         return done
 
     async def _finish_retrying(self, action: Action, name: TxName) -> bool:
-        await self._ensure_ready()
+        if not self._schema_ready:  # _ensure_ready's test, inlined: this is every commit
+            await self._ensure_ready()
         deadline = time.monotonic() + _ATTACHED_WAIT
         delay = 0.01
         while True:
@@ -722,7 +774,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         else:
             stmt = dialect.commit_prepared(name)
         try:
-            await conn.run(stmt)
+            await conn.command(stmt)
         except Exception as exc:
             kind = dialect.classify(exc)
             if dialect.discard_after_tpc_error:
@@ -956,7 +1008,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
 
     async def _control(self, conn: AsyncConn, sql: str, what: str) -> None:
         try:
-            await conn.run(sql)
+            await conn.command(sql)
         except Exception as exc:
             self._raise(exc, what)
 
@@ -967,7 +1019,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         whatever was not prepared) when it failed."""
         try:
             for stmt in stmts:
-                await conn.run(stmt)
+                await conn.command(stmt)
         except Exception:
             log.debug("rollback failed; dropping the connection", exc_info=True)
             conn.discard()

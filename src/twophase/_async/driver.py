@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
+from psycopg.errors import error_from_result
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -33,6 +35,15 @@ class AsyncConn:
         """Execute one statement (or, without params, several) and fetch its rows."""
         raise NotImplementedError
 
+    async def command(self, sql: str) -> None:
+        """Execute twophase's own statements that take no parameters and return no rows
+        (BEGIN, a claim, PREPARE, COMMIT PREPARED, ROLLBACK): ASCII text, one or several."""
+        await self.run(sql)
+
+    async def copy_in(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Bulk-load ``rows`` with ``COPY ... FROM STDIN`` (PostgreSQL only)."""
+        raise NotImplementedError
+
     def in_failed_transaction(self) -> bool:
         """Whether an earlier error aborted the open transaction (PostgreSQL only)."""
         return False
@@ -42,30 +53,107 @@ class AsyncConn:
         self.discarded = True
 
 
+_CONN_OK = psycopg.pq.ConnStatus.OK
+_FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+_INERROR = psycopg.pq.TransactionStatus.INERROR
+
+# A connection given back is kept by twophase for the next loan rather than returned to
+# psycopg_pool, whose getconn/putconn pair (its locks, statistics, logging and checks)
+# costs about as much as a statement. It goes back to psycopg_pool, which then applies its
+# max_lifetime, checks and FIFO order, once it has cycled outside it for _KEEP_FOR seconds,
+# when it sat unused for _KEEP_IDLE seconds, or when someone waits for psycopg_pool.
+_KEEP_FOR = 30.0
+_KEEP_IDLE = 1.0
+
+
+class _AsyncPgRaw(psycopg.AsyncConnection[dict[str, Any]]):
+    """psycopg's connection, remembering the wrapper that lends it.
+
+    The wrapper (and the cursor it keeps) then lives as long as the pooled connection,
+    instead of being made again on every checkout.
+    """
+
+    wrapper: AsyncPgConn | None = None
+
+
 class AsyncPgConn(AsyncConn):
     """A psycopg connection."""
 
-    def __init__(self, raw: psycopg.AsyncConnection[dict[str, Any]]) -> None:
+    #: Until when (time.monotonic()) AsyncPgPool may keep it out of psycopg_pool.
+    keep_until = 0.0
+
+    def __init__(self, raw: _AsyncPgRaw) -> None:
         self.raw = raw
+        # One cursor for the statements that return no rows: making a cursor each time
+        # costs a good third of psycopg's execute path. One that read rows is closed at
+        # once, so no result set stays in memory while the connection idles in the pool.
+        self._cursor: psycopg.AsyncCursor[dict[str, Any]] | None = None
 
     def in_failed_transaction(self) -> bool:
         """libpq's view of the session: INERROR after a failed statement."""
         # pgconn directly: .info builds a new ConnectionInfo on every access.
-        return self.raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        return self.raw.pgconn.transaction_status == _INERROR
 
     async def run(self, sql: str, params: Params = None) -> Rows:
         """Execute through a cursor; without params psycopg uses the simple protocol."""
+        cur = self._cursor
+        if cur is None:
+            cur = self._cursor = self.raw.cursor()
         try:
-            async with self.raw.cursor() as cur:
-                await cur.execute(sql, params)
-                if cur.description is None:
-                    # BEGIN, PREPARE, COMMIT PREPARED, DML: nothing to fetch.
-                    return Rows((), rowcount=cur.rowcount)
+            await cur.execute(sql, params)
+            if cur.description is None:
+                # DML and the like: nothing to fetch.
+                return Rows((), rowcount=cur.rowcount)
+            self._cursor = None
+            try:
                 return Rows(await cur.fetchall(), rowcount=cur.rowcount)
+            finally:
+                await cur.close()
         except psycopg.Error:
-            if self.raw.broken or self.raw.closed:
-                self.broken = True
+            self._cursor = None
+            self._check_link()
             raise
+
+    async def command(self, sql: str) -> None:
+        """Straight through libpq's simple-query protocol.
+
+        These statements need nothing of psycopg's cursor (parameter adaptation, the
+        prepared-statement cache, row making), and each text is sent once: a gid is part
+        of it. Errors are raised as psycopg would raise them (same classes, same fields).
+        """
+        raw = self.raw
+        pgconn = raw.pgconn
+        try:
+            if pgconn.status != _CONN_OK:
+                raise psycopg.OperationalError("the connection is closed")
+            results = await _acompat.pg_exec(raw, sql.encode("ascii"))
+            for result in results:
+                if result.status != _FATAL_ERROR:
+                    continue
+                if pgconn.status != _CONN_OK:
+                    # libpq reports a lost link as a result without SQLSTATE; psycopg's
+                    # own execute raises OperationalError for it, and so do we.
+                    message = result.error_message.decode(errors="replace").strip()
+                    raise psycopg.OperationalError(message or "the connection was lost")
+                raise error_from_result(result, encoding=raw.info.encoding)
+        except psycopg.Error:
+            self._check_link()
+            raise
+
+    async def copy_in(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """One COPY statement; psycopg adapts the values as it does parameters."""
+        try:
+            async with self.raw.cursor() as cur, cur.copy(sql) as copy:
+                for row in rows:
+                    await copy.write_row(row)
+        except psycopg.Error:
+            self._check_link()
+            raise
+
+    def _check_link(self) -> None:
+        if self.raw.broken or self.raw.closed:
+            self.broken = True
 
 
 class AsyncMyConn(AsyncConn):
@@ -127,9 +215,17 @@ class AsyncPool:
         """Connect, failing fast with the server's own error if it cannot be reached."""
         raise NotImplementedError
 
-    def connection(self) -> Any:
-        """An async context manager lending one connection."""
+    async def lend(self) -> AsyncConn:
+        """Check a connection out; hand it back with :meth:`give_back`, whatever happens."""
         raise NotImplementedError
+
+    async def give_back(self, conn: AsyncConn) -> None:
+        """Return a lent connection; one marked broken or discarded is closed, not reused."""
+        raise NotImplementedError
+
+    def connection(self) -> AsyncLending:
+        """Lend a connection for the block: ``async with pool.connection() as conn``."""
+        return AsyncLending(self)
 
     async def reset_idle(self) -> None:
         """Forget idle connections (after a connection loss they are likely dead too)."""
@@ -140,14 +236,40 @@ class AsyncPool:
         raise NotImplementedError
 
 
+class AsyncLending:
+    """One loan of a pooled connection, as an async context manager.
+
+    A class rather than a generator: it is on every transaction's path. Entering it lends
+    a connection; entering it again keeps that one, so a caller can lend early and hand
+    the loan to a block or an exit stack later. Leaving it gives the connection back.
+    """
+
+    __slots__ = ("_pool", "conn")
+
+    def __init__(self, pool: AsyncPool) -> None:
+        self._pool = pool
+        self.conn: AsyncConn | None = None
+
+    async def __aenter__(self) -> AsyncConn:
+        if self.conn is None:
+            self.conn = await self._pool.lend()
+        return self.conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await self._pool.give_back(conn)
+
+
 class AsyncPgPool(AsyncPool):
     """psycopg_pool's pool, with autocommit dict-row connections."""
 
     def __init__(self, conninfo: str, *, min_size: int, max_size: int, timeout: float) -> None:
         self._conninfo = conninfo
         self._timeout = timeout
-        self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        self._pool: AsyncConnectionPool[_AsyncPgRaw] = AsyncConnectionPool(
             conninfo,
+            connection_class=_AsyncPgRaw,
             kwargs={"autocommit": True, "row_factory": dict_row},
             min_size=min_size,
             max_size=max_size,
@@ -155,6 +277,14 @@ class AsyncPgPool(AsyncPool):
             open=False,
             name="twophase",
         )
+        #: Connections given back and kept for the next loan (see _KEEP_FOR), with when
+        #: each was given back; the most recent last.
+        self._kept: list[tuple[_AsyncPgRaw, float]] = []
+        # Held for a few instructions and never across an await, so it serves the async
+        # side (where it is never contended) and the threads of the sync side alike.
+        self._kept_lock = threading.Lock()
+        self._borrowing = 0  # callers inside psycopg_pool's getconn()
+        self._closed = False
 
     async def open(self) -> None:
         """Probe with one direct connection so a bad URL fails with the server's message."""
@@ -164,27 +294,71 @@ class AsyncPgPool(AsyncPool):
         await probe.close()
         await self._pool.open(wait=True, timeout=self._timeout)
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConn]:
-        """Lend a connection; one marked broken or discarded is closed, not reused."""
-        # getconn/putconn rather than pool.connection(): that one also runs the connection's
-        # own context exit (a commit path) on every return, pointless in autocommit mode.
-        # putconn still rolls back a connection left in a transaction and replaces broken ones.
-        raw = await self._pool.getconn()
-        conn = AsyncPgConn(raw)
+    # getconn/putconn rather than pool.connection(): that one also runs the connection's
+    # own context exit (a commit path) on every return, pointless in autocommit mode.
+    # putconn still rolls back a connection left in a transaction and replaces broken ones.
+    async def lend(self) -> AsyncConn:
+        """The connection given back last, if it is still fresh; else one of psycopg_pool."""
+        now = time.monotonic()
+        stale: list[_AsyncPgRaw] = []
+        with self._kept_lock:
+            if self._kept:
+                raw, given = self._kept.pop()
+                if now - given <= _KEEP_IDLE:
+                    kept = raw.wrapper
+                    assert kept is not None  # set when it was first lent
+                    return kept
+                # The most recent is stale, so are the older ones: all go back.
+                stale = [raw, *(r for r, _ in self._kept)]
+                self._kept.clear()
+            self._borrowing += 1
         try:
-            yield conn
+            for raw in stale:
+                await self._pool.putconn(raw)
+            raw = await self._pool.getconn()
         finally:
-            if conn.discarded and not raw.closed:
+            with self._kept_lock:
+                self._borrowing -= 1
+        conn = raw.wrapper
+        if conn is None:
+            conn = raw.wrapper = AsyncPgConn(raw)
+        conn.keep_until = now + _KEEP_FOR
+        return conn
+
+    async def give_back(self, conn: AsyncConn) -> None:
+        """Keep it for the next loan, or return it to psycopg_pool: closed first if it was
+        discarded; psycopg_pool rolls back one left in a transaction, replaces broken ones."""
+        pg = cast(AsyncPgConn, conn)
+        raw = pg.raw
+        if conn.discarded:
+            if not raw.closed:
                 await raw.close()
+        elif raw.pgconn.transaction_status == _IDLE and not conn.broken:
+            now = time.monotonic()
+            if now < pg.keep_until:
+                with self._kept_lock:
+                    if not self._borrowing and not self._closed:
+                        self._kept.append((raw, now))
+                        return
+        await self._pool.putconn(raw)
+
+    async def _return_kept(self) -> None:
+        with self._kept_lock:
+            kept = [raw for raw, _ in self._kept]
+            self._kept.clear()
+        for raw in kept:
             await self._pool.putconn(raw)
 
     async def reset_idle(self) -> None:
-        """Let psycopg_pool test its idle connections and replace the dead ones."""
+        """Let psycopg_pool test its idle connections (the kept ones too) and replace the
+        dead ones."""
+        await self._return_kept()
         await self._pool.check()
 
     async def close(self) -> None:
         """Close the pool."""
+        self._closed = True
+        await self._return_kept()
         await self._pool.close()
 
 
@@ -225,8 +399,7 @@ class AsyncMyPool(AsyncPool):
         for _ in range(max(1, self._min_size)):
             self._idle.append(await self._connect())
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConn]:
+    async def lend(self) -> AsyncConn:
         """Lend an idle connection or a new one, within ``max_size``."""
         if self._closed:
             raise DatabaseError("the database was closed; connect again")
@@ -235,16 +408,21 @@ class AsyncMyPool(AsyncPool):
                 f"no MariaDB connection came free within {self._timeout} s; "
                 "raise pool_max or shorten transactions"
             )
-        conn: AsyncMyConn | None = None
         try:
-            conn = self._idle.pop() if self._idle else await self._connect()
-            yield conn
+            return self._idle.pop() if self._idle else await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def give_back(self, conn: AsyncConn) -> None:
+        """Keep it for reuse, or close it if broken, discarded or the pool is closed."""
+        my = cast(AsyncMyConn, conn)
+        try:
+            if my.broken or my.discarded or self._closed:
+                await my.close()
+            else:
+                self._idle.append(my)
         finally:
-            if conn is not None:
-                if conn.broken or conn.discarded or self._closed:
-                    await conn.close()
-                else:
-                    self._idle.append(conn)
             self._slots.release()
 
     async def reset_idle(self) -> None:

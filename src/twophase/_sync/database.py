@@ -43,7 +43,7 @@ from ..protocol import (
     status_of,
 )
 from ..sql import Compiled, QueryMethods, Rows, SqlDialect
-from .driver import Conn, Params, Pool
+from .driver import Conn, Lending, Params, Pool
 from .retry import DEFAULT_TTL, TransactionRetry
 
 T = TypeVar("T")
@@ -211,6 +211,10 @@ class Staged:
         self.tx = Transaction(db, conn, name)
         #: Set once PREPARE succeeded.
         self.prepared = False
+        #: Set before prepare() to keep the session after a successful PREPARE, so that
+        #: commit_held() runs COMMIT PREPARED on it; release() hands it back otherwise.
+        self.hold = False
+        self._held: ExitStack | None = None
 
     def prepare(self) -> None:
         """Prepare the transaction and hand its connection back; on failure roll it back."""
@@ -249,7 +253,7 @@ class Staged:
             else:
                 try:
                     for stmt in dialect.prepare(name):
-                        conn.run(stmt)
+                        conn.command(stmt)
                 except Exception as exc:
                     failure, kind = exc, dialect.classify(exc)
                     if kind is not ErrorKind.CONNECTION:
@@ -258,6 +262,8 @@ class Staged:
                     self.prepared = True
                     if dialect.prepare_detaches_session:
                         conn.discard()
+                    elif self.hold:
+                        self._held = self._stack.pop_all()
         if failure is None:
             log.debug("prepared %s", name)
             return
@@ -279,6 +285,35 @@ class Staged:
                 "transaction; move them out of the distributed transaction"
             ) from failure
         db._raise(failure, f"could not prepare {str(name)!r}; it was rolled back")
+
+    def commit_held(self) -> bool:
+        """Commit the prepared transaction on the session kept by ``hold``, then hand it
+        back; without one, or if that session fails, as ``commit_distributed`` does (a fresh
+        connection, retries, the outcome record). True if this call committed it."""
+        held, self._held = self._held, None
+        db, name = self._db, self.name
+        if held is None:
+            return db._finish(Action.COMMIT, name, self.correlation_id)
+        db._refuse_nesting("commit_distributed()")
+        started = time.time()
+        try:
+            with held:
+                self._conn.command(db.dialect.commit_prepared(name))
+        except Exception:
+            # Whatever happened (a lost session, someone else finished it), the retrying
+            # path finds out from the server and answers as a retried commit would.
+            log.debug("commit of %s on its own session failed; retrying", name, exc_info=True)
+            return db._finish(Action.COMMIT, name, self.correlation_id)
+        log.debug("commit %s", name)
+        if db._events:
+            db._emit(Step.COMMIT, name, Outcome.COMMITTED, started, self.correlation_id)
+        return True
+
+    def release(self) -> None:
+        """Hand back the session kept by ``hold`` when the commit will not run on it."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
     def abandon(self, reason: str = "abandoned before prepare") -> None:
         """Roll the transaction back (best effort) and hand its connection back."""
@@ -515,19 +550,32 @@ class Database(QueryMethods[Rows, Row | None]):
         (a restarted server leaves dead connections in the pool) is replaced and the
         statements run again, until ``retry_timeout``. Other errors go to ``failed``.
         """
+        with self._open(stmts, abort, failed, tpc=tpc) as conn:
+            yield conn
+
+    def _open(
+        self,
+        stmts: tuple[str, ...],
+        abort: tuple[str, ...],
+        failed: Callable[[Exception], NoReturn],
+        *,
+        tpc: bool = False,
+    ) -> Lending:
+        """:meth:`_begun` without the block: the loan of the connection, already lent, for
+        the caller to enter (a block or an exit stack) so it goes back to the pool."""
         deadline = time.monotonic() + self._retry_timeout
         delay = 0.05
         while True:
-            stack = ExitStack()
-            conn: Conn | None = None
+            lending = self._pool.connection()
+            conn = lending.__enter__()
             try:
-                conn = lent = stack.enter_context(self._pool.connection())
                 for stmt in stmts:
-                    lent.run(stmt)
+                    conn.command(stmt)
             except Exception as exc:
-                if conn is not None:
+                try:
                     self._quietly(conn, abort, tpc_error=tpc)
-                stack.close()
+                finally:
+                    lending.__exit__(None, None, None)
                 lost = self.dialect.classify(exc) is ErrorKind.CONNECTION
                 if not lost or time.monotonic() > deadline:
                     failed(exc)
@@ -536,10 +584,12 @@ class Database(QueryMethods[Rows, Row | None]):
                 _compat.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            assert conn is not None  # the try block either set it or continued
-            with stack:
-                yield conn
-            return
+            except BaseException:
+                # Cancelled mid-statement: the session's state is unknown, so it is dropped.
+                conn.discard()
+                lending.__exit__(None, None, None)
+                raise
+            return lending
 
     # -- distributed transactions -----------------------------------------------------
 
@@ -583,7 +633,8 @@ class Database(QueryMethods[Rows, Row | None]):
         return staged
 
     def _claim(self, txname: TxName, cid: str) -> Staged:
-        self._ensure_ready(prepare=True)
+        if not (self._schema_ready and self._prepared_ok):  # _ensure_ready's test, inlined
+            self._ensure_ready(prepare=True)
         dialect = self.dialect
 
         def failed(exc: Exception) -> NoReturn:
@@ -600,9 +651,9 @@ class Database(QueryMethods[Rows, Row | None]):
                 ) from exc
             self._raise(exc, f"could not begin {str(txname)!r}")
 
+        lending = self._open(dialect.claim(txname), dialect.abort(txname), failed, tpc=True)
         stack = ExitStack()
-        claim, abort = dialect.claim(txname), dialect.abort(txname)
-        conn = stack.enter_context(self._begun(claim, abort, failed, tpc=True))
+        conn = stack.enter_context(lending)
         return Staged(self, stack, conn, txname, cid)
 
     def begin_distributed(self, name: str, fn: Callable[[Transaction], T]) -> T:
@@ -695,7 +746,8 @@ class Database(QueryMethods[Rows, Row | None]):
         return done
 
     def _finish_retrying(self, action: Action, name: TxName) -> bool:
-        self._ensure_ready()
+        if not self._schema_ready:  # _ensure_ready's test, inlined: this is every commit
+            self._ensure_ready()
         deadline = time.monotonic() + _ATTACHED_WAIT
         delay = 0.01
         while True:
@@ -722,7 +774,7 @@ class Database(QueryMethods[Rows, Row | None]):
         else:
             stmt = dialect.commit_prepared(name)
         try:
-            conn.run(stmt)
+            conn.command(stmt)
         except Exception as exc:
             kind = dialect.classify(exc)
             if dialect.discard_after_tpc_error:
@@ -956,7 +1008,7 @@ class Database(QueryMethods[Rows, Row | None]):
 
     def _control(self, conn: Conn, sql: str, what: str) -> None:
         try:
-            conn.run(sql)
+            conn.command(sql)
         except Exception as exc:
             self._raise(exc, what)
 
@@ -965,7 +1017,7 @@ class Database(QueryMethods[Rows, Row | None]):
         whatever was not prepared) when it failed."""
         try:
             for stmt in stmts:
-                conn.run(stmt)
+                conn.command(stmt)
         except Exception:
             log.debug("rollback failed; dropping the connection", exc_info=True)
             conn.discard()

@@ -167,22 +167,24 @@ class Emitter:
         duration: float | None = None,
     ) -> None:
         """Build the event of a step that began at ``started`` (time.time()) and ended now."""
-        if not self.observers:
+        observers = self.observers
+        if not observers:
             return
+        # Positional, in field order: this runs for every step of every transaction.
         event = Event(
-            step=step,
-            name=name,
-            outcome=outcome,
-            started=started,
-            duration=time.time() - started if duration is None else duration,
-            correlation_id=correlation_id,
-            principal=current_principal(self.principal),
-            participant=participant if participant is not None else self.label,
-            branch=branch,
-            detail=detail,
-            error=error,
+            step,
+            name,
+            outcome,
+            started,
+            time.time() - started if duration is None else duration,
+            correlation_id,
+            _PRINCIPAL.get() or self.principal,  # current_principal(), inlined
+            participant if participant is not None else self.label,
+            branch,
+            detail,
+            error,
         )
-        for ob in self.observers:
+        for ob in observers:
             try:
                 ob(event)
             except Exception:

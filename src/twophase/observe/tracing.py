@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .events import Event, Outcome
+from .events import Event, Outcome, Step
 
 _ERRORS = {Outcome.FAILED, Outcome.DENIED, Outcome.IN_DOUBT}
+# Plain strings, looked up once: an enum's .value is a descriptor call, paid per span.
+_SPAN_NAMES = {step: f"twophase.{step.value}" for step in Step}
+_VALUES: dict[Step | Outcome, str] = {
+    **{step: str(step.value) for step in Step},
+    **{outcome: str(outcome.value) for outcome in Outcome},
+}
 
 
 class Tracing:
@@ -36,12 +42,14 @@ class Tracing:
         return self._tracer is not None
 
     def __call__(self, event: Event) -> None:
-        if self._tracer is None:
+        tracer = self._tracer
+        if tracer is None:
             return
+        step, outcome = event.step, event.outcome
         attributes: dict[str, str] = {
             "twophase.name": event.name,
-            "twophase.step": event.step.value,
-            "twophase.outcome": event.outcome.value,
+            "twophase.step": _VALUES[step],
+            "twophase.outcome": _VALUES[outcome],
             "twophase.correlation_id": event.correlation_id,
         }
         if event.participant is not None:
@@ -51,12 +59,11 @@ class Tracing:
         if event.principal is not None:
             attributes["enduser.id"] = event.principal
         start = int(event.started * 1e9)
-        span = self._tracer.start_span(
-            f"twophase.{event.step.value}", start_time=start, attributes=attributes
-        )
-        if event.outcome in _ERRORS or event.error is not None:
+        end = start + int(event.duration * 1e9)
+        span = tracer.start_span(_SPAN_NAMES[step], start_time=start, attributes=attributes)
+        if outcome in _ERRORS or event.error is not None:
             trace = self._trace
             if event.error is not None:
-                span.record_exception(event.error, timestamp=start + int(event.duration * 1e9))
-            span.set_status(trace.Status(trace.StatusCode.ERROR, event.detail or event.outcome))
-        span.end(end_time=start + int(event.duration * 1e9))
+                span.record_exception(event.error, timestamp=end)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, event.detail or outcome))
+        span.end(end_time=end)
