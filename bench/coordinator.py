@@ -63,7 +63,7 @@ INSERT_SQL = f"INSERT INTO {TABLE} (id, payload) VALUES (%s, %s)"
 PAYLOAD = "benchmark payload, 32 bytes long"
 OUTCOME_TABLE = "twophase_outcome"
 DECISION_TABLE = "twophase_decision"
-AUDIT_TABLE = "twophase_audit"
+AUDIT_TABLE = "twophase_audit_log"  # written only with audit=True, which no variant sets
 # The global transactions' timeout: it only sets the deadline written into the branch gids.
 TIMEOUT = 30.0
 TARGET = 0.9
@@ -921,7 +921,7 @@ def cleanup(admin_a: Admin, admin_b: Admin, prefix: str) -> dict[str, int]:
     deleted: dict[str, int] = {}
     for admin, table, column in (
         (admin_a, DECISION_TABLE, "gtrid"),
-        (admin_a, AUDIT_TABLE, "gtrid"),
+        (admin_a, AUDIT_TABLE, "name"),
         (admin_b, OUTCOME_TABLE, "name"),
     ):
         if not admin.has_table(table):

@@ -11,9 +11,10 @@ checks that every business row is committed and nothing is left prepared.
 PostgreSQL must allow >= N prepared transactions (max_prepared_transactions; a restart is
 needed to raise it). The benchmark checks, and prints how to raise it; with --configure it
 raises it itself (ALTER SYSTEM + one restart at the start) and restores the old value at the
-end (one more restart).
+end (one more restart). With --scratch it restarts nothing: it runs against a throwaway
+cluster of its own (initdb in a temporary directory, the limit raised there).
 
-    .venv/bin/python bench/recover.py [--configure] [--sizes 1000,10000] [--repeat 3] [--json]
+    .venv/bin/python bench/recover.py [--scratch | --configure] [--sizes 1000,10000] [--json]
 
 See bench/README.md for how to read the output and why the runs are set up as they are.
 """
@@ -31,9 +32,11 @@ import re
 import resource
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -56,7 +59,7 @@ from coordinator import (
 
 import twophase
 from twophase import testing
-from twophase.decisions import AUDIT, DECISIONS, BranchRef, DecisionLog, encode_branches
+from twophase.decisions import DECISIONS, BranchRef, DecisionLog, encode_branches
 from twophase.dialects import PostgresDialect
 from twophase.dialects.base import OUTCOME_TABLE
 from twophase.names import PG_GID_PREFIX, TxName
@@ -287,9 +290,9 @@ def _summary(report: twophase.RecoveryReport) -> dict[str, Any]:
         "waiting": report.waiting,
         "skipped": report.skipped,
         "in_doubt": report.in_doubt,
-        "actions": len(report.actions),
+        "actions": len(report.actions) + report.actions_omitted,
         "errors": report.errors[:5],
-        "error_count": len(report.errors),
+        "error_count": len(report.errors) + report.errors_omitted,
     }
 
 
@@ -614,10 +617,6 @@ def verify(admin_a: Admin, admin_b: Admin, batch: Batch) -> dict[str, Any]:
             " AND outcome = 'committed'",
             (n, p),
         ).fetchone(),
-        "audit_recover_commit": admin_a.execute(
-            f"SELECT count(*) FROM {AUDIT} WHERE left(gtrid, %s) = %s AND event = 'recover_commit'",
-            (n, p),
-        ).fetchone(),
     }
     out: dict[str, Any] = {
         k: (v[0] if isinstance(v, tuple) else v) for k, v in counts.items() if v is not None
@@ -638,11 +637,10 @@ def clear_batch(admin_a: Admin, admin_b: Admin, prefix: str) -> None:
         admin.execute(f"TRUNCATE {TABLE}")
     n = len(prefix)
     admin_a.execute(f"DELETE FROM {DECISIONS} WHERE left(gtrid, %s) = %s", (n, prefix))
-    admin_a.execute(f"DELETE FROM {AUDIT} WHERE left(gtrid, %s) = %s", (n, prefix))
     admin_b.execute(f"DELETE FROM {OUTCOME_TABLE} WHERE left(name, %s) = %s", (n, prefix))
     # The log tables are shared with everyone; 10,000 dead rows in their indexes would make
     # the next round's lookups slower than the first's (autovacuum may be off).
-    admin_a.execute(f"VACUUM {DECISIONS}, {AUDIT}")
+    admin_a.execute(f"VACUUM {DECISIONS}")
     admin_b.execute(f"VACUUM {OUTCOME_TABLE}")
 
 
@@ -781,6 +779,83 @@ def restore(admin: Admin, saved: Setting, cluster: Sequence[str]) -> dict[str, A
     now = read_setting(admin).value
     log(f"restore: up again after {seconds:.1f} s; max_prepared_transactions = {now}")
     return {"restored": now == saved.value, "value": now, "restart_seconds": round(seconds, 2)}
+
+
+@dataclass
+class Scratch:
+    """A throwaway PostgreSQL cluster of the benchmark's own (``--scratch``)."""
+
+    data_dir: Path
+    bin_dir: Path
+    port: int
+    user: str | None  # the account that runs it when we are root
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+
+def _as_user(user: str | None, cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", user, "--", *cmd] if user else cmd
+
+
+def start_scratch(bin_dir: Path, max_prepared: int) -> Scratch:
+    """initdb and start a cluster in a temporary directory, allowing ``max_prepared``
+    prepared transactions, on a free port of 127.0.0.1; no other server is touched."""
+    user = None
+    if os.geteuid() == 0:
+        user = "postgres"  # PostgreSQL refuses to run as root
+    data = Path(tempfile.mkdtemp(prefix="tpbr-pg-"))
+    if user:
+        shutil.chown(data, user)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
+    ctl = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-w"]
+    try:
+        _server_command(_as_user(user, [*initdb, "-E", "UTF8", "--no-sync"]))
+        with open(data / "postgresql.conf", "a") as conf:
+            # The shared test server's settings that matter here, and the raised limit.
+            conf.write(
+                f"\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{data}'\n"
+                f"max_prepared_transactions = {max_prepared}\n"
+                "max_connections = 100\nshared_buffers = 128MB\nautovacuum = off\n"
+            )
+        _server_command(_as_user(user, [*ctl, "-t", "60", "start"]))
+    except BaseException:
+        shutil.rmtree(data, ignore_errors=True)
+        raise
+    scratch = Scratch(data, bin_dir, port, user)
+    for dbname in ("test", "test2"):
+        ensure_database(scratch.url(dbname))
+    return scratch
+
+
+def _server_command(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SERVER_WAIT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
+
+
+def stop_scratch(scratch: Scratch) -> None:
+    """Stop the scratch cluster and delete it."""
+    ctl = [str(scratch.bin_dir / "pg_ctl"), "-D", str(scratch.data_dir), "-m", "fast", "-w"]
+    subprocess.run(_as_user(scratch.user, [*ctl, "stop"]), capture_output=True, timeout=SERVER_WAIT)
+    shutil.rmtree(scratch.data_dir, ignore_errors=True)
+
+
+def pg_bin_dir() -> Path:
+    """The PostgreSQL server binaries (pg_config's, else the newest Debian install)."""
+    found = shutil.which("pg_config")
+    if found:
+        out = subprocess.run([found, "--bindir"], capture_output=True, text=True)
+        if out.returncode == 0 and (Path(out.stdout.strip()) / "initdb").exists():
+            return Path(out.stdout.strip())
+    installs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: p.parts)
+    if not installs:
+        raise SystemExit("--scratch needs PostgreSQL's server binaries (initdb, pg_ctl)")
+    return installs[-1].parent
 
 
 def cluster_of(admin: Admin, override: str | None) -> list[str]:
@@ -1121,6 +1196,16 @@ def render(report: dict[str, Any]) -> str:
             f"allocations peaked {t['traced_peak_bytes'] / 2**20:.1f} MB above the start "
             f"({t['traced_peak_bytes'] / t['branches']:.0f} B/branch)"
         )
+    for api in dict.fromkeys(t["api"] for t in report["tracemalloc"]):
+        of_api = [t for t in report["tracemalloc"] if t["api"] == api]
+        traced = sorted((t["branches"], t["traced_peak_bytes"]) for t in of_api)
+        if len(traced) >= 2:
+            (lo, lo_peak), (hi, hi_peak) = traced[0], traced[-1]
+            lines.append(
+                f"tracemalloc {api}: peak {lo_peak / 2**20:.2f} MB at {lo} branches, "
+                f"{hi_peak / 2**20:.2f} MB at {hi}: {(hi_peak - lo_peak) / (hi - lo):.0f} B "
+                "per extra branch (flat memory: about 0)"
+            )
     lines.append("")
     for api in plan["apis"]:
         by = {s["branches"]: s for s in report["summary"] if s["api"] == api}
@@ -1209,6 +1294,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="raise max_prepared_transactions if too low (restarts PostgreSQL), restore after",
     )
     p.add_argument("--cluster", default=None, help="pg_ctlcluster version and name, e.g. '15 main'")
+    p.add_argument(
+        "--scratch",
+        action="store_true",
+        help="run against a throwaway cluster of its own (initdb in a temporary directory, "
+        "max_prepared_transactions raised there; no restart of any other server); replaces "
+        "--url-a/--url-b",
+    )
     p.add_argument("--workers", type=int, default=8, help="connections preparing the branches")
     p.add_argument(
         "--no-checkpoint",
@@ -1274,6 +1366,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # those of tests running on the same server.
         ns=f"tpbr-{secrets.token_hex(3)}",
     )
+    scratch: Scratch | None = None
+    if args.scratch:
+        need = max(plan.sizes) + max(20, max(plan.sizes) * HEADROOM_PCT // 100)
+        scratch = start_scratch(pg_bin_dir(), max(CONFIGURE_TO, need))
+        plan.url_a, plan.url_b = scratch.url("test"), scratch.url("test2")
+        log(f"scratch cluster in {scratch.data_dir}, port {scratch.port}")
+    try:
+        return run_plan(plan, args)
+    finally:
+        if scratch is not None:
+            stop_scratch(scratch)
+
+
+def run_plan(plan: Plan, args: argparse.Namespace) -> int:
+    """Everything after the options: set up, measure, report, clean up."""
     if ensure_database(plan.url_b):
         log(f"created database B ({plan.url_b.split('@')[-1]})")
     admin_a, admin_b = Admin(plan.url_a), Admin(plan.url_b)

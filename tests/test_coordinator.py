@@ -1104,3 +1104,124 @@ async def test_recovery_with_a_stale_listing_resolves_each_branch_once(env: Env)
         go.set()
         for db in opened:
             await db.close()
+
+
+# == recovery in pages ===========================================================================
+
+
+class _Stop(Exception):
+    """Raised in place of phase 2: the decision is durable, every branch stays prepared."""
+
+
+def _decided_but_not_committed(
+    coord: twophase.Coordinator, env: Env, name: str, stock_branches: int, first_row: int
+) -> int:
+    """Leave ``name`` as a coordinator dying right after its decision would, in-process:
+    one branch on billing and ``stock_branches`` on stock (so one global transaction can
+    fill a page). Returns the next free row id."""
+    rows = iter(range(first_row, first_row + stock_branches + 2))
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise _Stop
+
+    coord._commit_branches = stop  # type: ignore[method-assign]
+    try:
+        with pytest.raises(_Stop), coord.transaction(name, timeout=60) as g:
+            g.enlist("orders", inserter(env.table, next(rows), name))
+            for _ in range(stock_branches):
+                g.enlist("stock", inserter(env.table, next(rows), name))
+            g.enlist("billing", inserter(env.table, next(rows), name))
+    finally:
+        del coord._commit_branches
+    return first_row + stock_branches + 2
+
+
+def _recovered_once(prefix: str) -> Counter[tuple[str, str]]:
+    return Counter(
+        (a["participant"], a["record"])
+        for a in audit_rows(prefix)
+        if a["step"] == "recover" and a["outcome"] == "committed"
+    )
+
+
+def test_recovery_in_small_pages_resolves_every_branch_once(
+    env: Env, coord: twophase.Coordinator
+) -> None:
+    row = 1
+    for i in range(5):
+        # Three stock branches in one global transaction fill more than a page of two.
+        row = _decided_but_not_committed(coord, env, f"paged{i}", 3 if i % 2 else 1, row)
+    before = all_prepared(env.prefix)
+    assert (len(before["stock"]), len(before["billing"]), len(before["orders"])) == (9, 5, 0)
+
+    report = coord.recover(batch=2, samples=5)
+    flush_audit(coord)
+    actions, errors = check_report(report, env, committed=14)
+    assert errors == []
+    # The counts are exact; the actions are a sample of 5 and a count of the rest.
+    assert len(report.actions) == 5 and report.actions_omitted >= 9
+    assert actions <= {
+        (r.split("#")[0], key, r, "commit") for key, recs in before.items() for r in recs
+    }
+    assert nothing_prepared(env.prefix)
+    rows = env.rows()
+    assert len(rows["orders"]) == 5 and len(rows["stock"]) == 9 and len(rows["billing"]) == 5
+    recovered = _recovered_once(env.prefix)
+    assert len(recovered) == 14 and set(recovered.values()) == {1}, recovered
+
+
+def test_recovery_scan_survives_branches_vanishing_and_appearing(
+    env: Env, coord: twophase.Coordinator
+) -> None:
+    """Between two pages of the scan another recovery process finishes every branch listed
+    so far and not, and a new in-doubt transaction appears: the pass goes on, each branch
+    is committed exactly once, and the newcomer is found by this pass or the next."""
+    row = 1
+    for i in range(6):
+        row = _decided_but_not_committed(coord, env, f"scan{i}", 1, row)
+    dbs = _connect_all()
+    other = twophase.Coordinator(dbs, log="orders", namespace=env.ns)
+    real_next_page = coord._next_page
+    pages = 0
+    others: list[twophase.RecoveryReport] = []
+
+    def next_page_meanwhile(scan: Any, prefix: str, batch: int) -> Any:
+        nonlocal pages, row
+        page = real_next_page(scan, prefix, batch)
+        pages += 1
+        if scan.key == "stock" and not others:
+            others.append(other.recover())  # finishes what this pass still has to do
+            # Named to come after everything listed so far: this scan meets it later.
+            row = _decided_but_not_committed(coord, env, "scan_late", 1, row)
+        return page
+
+    coord._next_page = next_page_meanwhile  # type: ignore[method-assign]
+    try:
+        first = coord.recover(batch=2)
+    finally:
+        del coord._next_page
+        for db in dbs.values():
+            db.close()
+    assert first.errors == [] and others[0].errors == []
+    assert first.in_doubt == 0 and others[0].in_doubt == 0
+    again = coord.recover()  # the late branch on billing, listed before it appeared
+    flush_audit(coord)
+    assert nothing_prepared(env.prefix)
+    assert first.committed + others[0].committed + again.committed == 14
+    assert len(env.rows()["stock"]) == 7
+    recovered = _recovered_once(env.prefix)
+    assert len(recovered) == 14 and set(recovered.values()) == {1}, recovered
+
+
+def test_recovery_report_keeps_samples_and_exact_counts() -> None:
+    report = twophase.RecoveryReport(samples=3)
+    for i in range(5):
+        report.committed += 1
+        report.add_action(f"g{i}", "p", f"g{i}#1.1", "commit")
+        report.add_error(f"error {i}")
+    d = report.as_dict()
+    assert d["committed"] == 5
+    assert [a["gtrid"] for a in d["actions"]] == ["g0", "g1", "g2"]
+    assert (d["actions_omitted"], d["errors_omitted"]) == (2, 2)
+    assert d["errors"] == ["error 0", "error 1", "error 2"]
+    assert twophase.RecoveryReport().samples == twophase.decisions.REPORT_SAMPLES

@@ -628,9 +628,6 @@ def _load_coordinator(
     dbs = {key: settings.open(url) for key, url in urls.items()}
     for db in dbs.values():
         ctx.call_on_close(db.close)
-    if observers is not None and log_key in dbs:
-        # The coordinator's steps still reach the log database's audit log.
-        observers = [*dbs[log_key].observers, *observers]
     return Coordinator(dbs, log=log_key, namespace=namespace, observers=observers)
 
 
@@ -744,8 +741,14 @@ def recover_command(
             )
         if report.actions:
             console.print(table)
-        if len(shown) < len(report.actions):
-            console.print(f"... and {len(report.actions) - len(shown)} more (--verbose lists all)")
+        hidden = len(report.actions) - len(shown)
+        if hidden:
+            console.print(f"... and {hidden} more (--verbose lists them)")
+        if report.actions_omitted:
+            console.print(
+                f"... and {report.actions_omitted} more not kept in the report "
+                "(the counts below include them)"
+            )
         console.print(
             f"committed {report.committed}, rolled back {report.rolled_back}, "
             f"waiting {report.waiting}, skipped {report.skipped}, in doubt {report.in_doubt}, "
@@ -753,7 +756,9 @@ def recover_command(
         )
         for error in report.errors:
             console.print(f"[red]error:[/] {escape(error)}")
-    if report.errors or report.in_doubt:
+        if report.errors_omitted:
+            console.print(f"[red]... and {report.errors_omitted} more errors[/]")
+    if report.errors or report.errors_omitted or report.in_doubt:
         ctx.exit(EXIT_ERROR)
 
 

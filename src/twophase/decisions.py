@@ -14,17 +14,19 @@ its decision is then an UPDATE from ``pending``, which again only one writer can
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .dialects import Dialect
-from .names import TxName
+from .names import PG_GID_PREFIX, TxName
 
 DECISIONS = "twophase_decision"
 COMPENSATIONS = "twophase_compensation"
 EXPECTED = "twophase_expected"
 
 _REASON = 64  # the reason column's width
+_JSON_PLAIN = re.compile(r"[A-Za-z0-9_.:#\-]*")  # needs no JSON escaping
 
 Statement = tuple[str, tuple[Any, ...] | None]
 
@@ -49,9 +51,19 @@ class PreparedBranch:
     name: TxName
 
 
+#: How many actions and errors a :class:`RecoveryReport` keeps as samples by default.
+REPORT_SAMPLES = 1000
+
+
 @dataclass
 class RecoveryReport:
-    """What one ``recover()`` pass found and did."""
+    """What one ``recover()`` pass found and did.
+
+    The counts are exact. ``actions`` (global name, participant, branch, action) and
+    ``errors`` are samples: the first ``samples`` of each are kept, and ``actions_omitted``
+    / ``errors_omitted`` count the rest, so a pass over any number of in-doubt branches
+    holds a bounded report.
+    """
 
     committed: int = 0
     rolled_back: int = 0
@@ -61,6 +73,23 @@ class RecoveryReport:
     compensations: int = 0
     actions: list[tuple[str, str, str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    actions_omitted: int = 0
+    errors_omitted: int = 0
+    samples: int = REPORT_SAMPLES
+
+    def add_action(self, gtrid: str, participant: str, branch: str, action: str) -> None:
+        """Record an action (kept as a sample while there is room, else counted)."""
+        if len(self.actions) < self.samples:
+            self.actions.append((gtrid, participant, branch, action))
+        else:
+            self.actions_omitted += 1
+
+    def add_error(self, error: str) -> None:
+        """Record an error (kept as a sample while there is room, else counted)."""
+        if len(self.errors) < self.samples:
+            self.errors.append(error)
+        else:
+            self.errors_omitted += 1
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, for JSON."""
@@ -75,13 +104,22 @@ class RecoveryReport:
                 {"gtrid": g, "participant": p, "branch": b, "action": a}
                 for g, p, b, a in self.actions
             ],
+            "actions_omitted": self.actions_omitted,
             "errors": self.errors,
+            "errors_omitted": self.errors_omitted,
         }
 
 
 def encode_branches(branches: list[BranchRef]) -> str:
     """The decision row's ``branches`` column."""
-    return json.dumps([b.as_json() for b in branches], separators=(",", ":"))
+    parts = []
+    for b in branches:
+        if not (_JSON_PLAIN.fullmatch(b.participant) and _JSON_PLAIN.fullmatch(b.record)):
+            return json.dumps([b.as_json() for b in branches], separators=(",", ":"))
+        parts.append(f'["{b.participant}","{b.record}"]')
+    # Names are made of characters JSON writes as they are: the same text as json.dumps,
+    # without building an encoder for every global transaction.
+    return f"[{','.join(parts)}]"
 
 
 def decode_branches(text: str | None) -> list[BranchRef]:
@@ -197,13 +235,26 @@ class DecisionLog:
 
     def lookup(self, gtrids: list[str], *, lock: bool = False) -> Statement:
         """Decision rows of ``gtrids``; with ``lock``, those no other session holds."""
-        marks = ", ".join(["%s"] * len(gtrids))
+        where, params = self._among("gtrid", gtrids)
         tail = " FOR UPDATE SKIP LOCKED" if lock else ""
         return (
             f"SELECT gtrid, outcome, deadline, branches, reason FROM {self.decisions} "
-            f"WHERE gtrid IN ({marks}){tail}",
-            tuple(gtrids),
+            f"WHERE {where}{tail}",
+            params,
         )
+
+    def lock(self, gtrids: list[str]) -> Statement:
+        """Lock the decision rows of ``gtrids`` that no other session holds; their names."""
+        where, params = self._among("gtrid", gtrids)
+        return (f"SELECT gtrid FROM {self.decisions} WHERE {where} FOR UPDATE SKIP LOCKED", params)
+
+    def _among(self, column: str, values: list[str]) -> tuple[str, tuple[Any, ...]]:
+        """``column`` is one of ``values``: one array parameter on PostgreSQL (one statement
+        text whatever the count, so the server parses it once per session), a list of
+        placeholders on MariaDB (whose drivers inline them)."""
+        if self._pg:
+            return f"{column} = ANY(%s)", (list(values),)
+        return f"{column} IN ({', '.join(['%s'] * len(values))})", tuple(values)
 
     def expired_pending(self, now: float, limit: int, prefix: str) -> Statement:
         """Pending rows (of names starting with ``prefix``) past their deadline that no other
@@ -225,11 +276,11 @@ class DecisionLog:
 
     def expected_of(self, participant: str, records: list[str], prefix: str) -> Statement:
         """Which of ``records`` (prepared on ``participant``) are expected branches."""
-        marks = ", ".join(["%s"] * len(records))
+        where, params = self._among("record", records)
         return (
             f"SELECT record, gtrid, deadline FROM {self.expected} WHERE participant = %s "
-            f"AND record IN ({marks}) AND LEFT(gtrid, %s) = %s",
-            (participant, *records, len(prefix), prefix),
+            f"AND {where} AND LEFT(gtrid, %s) = %s",
+            (participant, *params, len(prefix), prefix),
         )
 
     # -- compensations -----------------------------------------------------------------
@@ -278,3 +329,31 @@ class DecisionLog:
 
 def _cut(reason: str | None) -> str | None:
     return reason if reason is None or len(reason) <= _REASON else reason[: _REASON - 3] + "..."
+
+
+# -- listing prepared branches, a page at a time ------------------------------------------
+
+
+def prepared_page(dialect: Dialect, after: str, limit: int, prefix: str) -> Statement | None:
+    """The next page of a participant's prepared twophase transactions that recovery
+    looks at, after the gid ``after`` (``""``: from the start), at most ``limit``; None
+    when the database cannot list them in pages (MariaDB's XA RECOVER lists all at once).
+
+    Keyset paging in gid order: a branch prepared or finished meanwhile never makes the
+    scan skip or repeat another, and the branches of one global transaction come
+    together. Listed are the branches of global transactions in the namespace
+    ``prefix`` (``"<ns>:"``, or ``""`` for all) and every plain name (in any namespace):
+    one of those may be a branch another process prepared for an ``expect()``.
+    """
+    if dialect.name != "postgresql":
+        return None
+    gid_prefix = PG_GID_PREFIX + prefix
+    # COLLATE "C": byte order for the sort and the cursor alike, whatever the database's
+    # collation.
+    return (
+        "SELECT gid, prepared, database FROM pg_prepared_xacts "
+        "WHERE database = current_database() AND left(gid, %s) = %s "
+        "AND (strpos(gid, '#') = 0 OR left(gid, %s) = %s) "
+        'AND gid COLLATE "C" > %s ORDER BY gid COLLATE "C" LIMIT %s',
+        (len(PG_GID_PREFIX), PG_GID_PREFIX, len(gid_prefix), gid_prefix, after, limit),
+    )

@@ -11,23 +11,37 @@ The protocol (presumed abort; tables in ``protocol.py``, log rows in ``decisions
    committed with it, in one round trip (or, with no decision branch, inserted on its own).
    A recovery process that gave up on the transaction has inserted a rolled-back row
    first; the primary key then refuses the commit decision, and everything rolls back.
-4. Every prepared branch is committed, concurrently, with retries. A participant that stays
-   unreachable raises ``InDoubt``: the decision stands and ``recover()`` finishes it.
+4. Every prepared branch is committed, concurrently, with retries; on PostgreSQL on the
+   session that prepared it, kept since (a fresh one if that fails). A participant that
+   stays unreachable raises ``InDoubt``: the decision stands and ``recover()`` finishes it.
+
+Recovery lists every participant's prepared transactions a page at a time, in name order,
+and merges the pages, so each global transaction's branches are resolved together while
+memory stays bounded by the page size.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from .. import _acompat, _context, testing
-from ..decisions import BranchRef, DecisionLog, PreparedBranch, RecoveryReport, decode_branches
+from ..decisions import (
+    REPORT_SAMPLES,
+    BranchRef,
+    DecisionLog,
+    PreparedBranch,
+    RecoveryReport,
+    Statement,
+    decode_branches,
+    prepared_page,
+)
 from ..dialects import ErrorKind
 from ..errors import (
     DeadlineExceeded,
@@ -50,11 +64,15 @@ from ..observe.events import (
 )
 from ..policy import Policy
 from ..protocol import Action, Decision, Recovery, Status, recovery_action
+from ..sql import Rows
 from .database import AsyncDatabase, AsyncStaged, AsyncTransaction
 from .driver import AsyncConn
 
 T = TypeVar("T")
 log = logging.getLogger("twophase.coordinator")
+
+#: The reason recovery writes with the rolled-back decision of an expired transaction.
+_EXPIRED = "deadline"
 
 Compensation = Callable[[Any, str], Awaitable[None]]
 
@@ -72,8 +90,9 @@ class AsyncGlobalTransaction:
         self.correlation_id = correlation_id
         self._staged: list[tuple[str, AsyncStaged]] = []
         self._expected: list[PreparedBranch] = []
-        self._decision_stack: AsyncExitStack | None = None
+        # The decision branch's transaction and the context that lends its connection.
         self._decision_tx: AsyncTransaction | None = None
+        self._decision_cm: Any = None  # db._begun(...), entered
         self._compensations = 0
         self._next_index = 1
         self._pending_row = False
@@ -106,16 +125,14 @@ class AsyncGlobalTransaction:
         db = self._coord._participant(participant)
         if participant == self._coord.log_key and self._decision_tx is None:
             # The decision branch: an ordinary transaction whose COMMIT carries the decision.
-            stack = AsyncExitStack()
             dialect = db.dialect
 
             def failed(exc: Exception) -> NoReturn:
                 db._raise(exc, f"could not begin a branch of {self.gtrid!r}")
 
-            conn = await stack.enter_async_context(
-                db._begun((dialect.begin(),), (dialect.rollback(),), failed)
-            )
-            self._decision_stack = stack
+            cm = db._begun((dialect.begin(),), (dialect.rollback(),), failed)
+            conn = await cm.__aenter__()
+            self._decision_cm = cm
             self._decision_tx = AsyncTransaction(db, conn, None)
             return await self._run(self._decision_tx, fn)
         index = self._next_index
@@ -189,6 +206,15 @@ class AsyncGlobalTransaction:
             await self._rollback("deadline passed before prepare")
             raise DeadlineExceeded(f"global transaction {self.gtrid!r} passed its deadline")
         testing.reached("before_prepare")
+        try:
+            await self._prepare_and_decide()
+        except BaseException:
+            # Connections kept for phase 2 go back to their pools on every way out.
+            await self._release_held()
+            raise
+
+    async def _prepare_and_decide(self) -> None:
+        coord = self._coord
         failures = await self._prepare_all()
         if failures:
             await self._rollback(f"a branch failed to prepare: {failures[0]}")
@@ -226,13 +252,38 @@ class AsyncGlobalTransaction:
                 "a recovery process rolled it back before the commit decision"
             )
         testing.reached("after_decision")
-        await coord._commit_branches(self.gtrid, self._prepared(), self.correlation_id)
+        await coord._commit_branches(self.gtrid, self._commit_work(), self.correlation_id)
+
+    def _commit_work(self) -> list[tuple[PreparedBranch, Callable[[], Awaitable[object]]]]:
+        """Each prepared branch with the call that commits it: on the session that prepared
+        it when that session was kept (no second pool checkout), else on a fresh one."""
+        coord, cid = self._coord, self.correlation_id
+        work: list[tuple[PreparedBranch, Callable[[], Awaitable[object]]]] = [
+            (PreparedBranch(p, s.name), s.commit_held) for p, s in self._staged if s.prepared
+        ]
+        for p in self._expected:
+            db = coord._participant(p.participant)
+            work.append((p, functools.partial(db._finish, Action.COMMIT, p.name, cid)))
+        return work
+
+    async def _release_held(self) -> None:
+        for _, staged in self._staged:
+            try:
+                await staged.release()
+            except Exception:
+                log.debug("could not hand back the session of %s", staged.name, exc_info=True)
 
     def _prepared(self) -> list[PreparedBranch]:
         mine = [PreparedBranch(p, s.name) for p, s in self._staged if s.prepared]
         return mine + self._expected
 
     async def _prepare_all(self) -> list[BaseException]:
+        # Keep each branch's session after PREPARE to run its COMMIT PREPARED on it. Not
+        # while waiting for expected branches: that polls the participants, and a pool
+        # sized to the branches would have no connection left for it.
+        hold = not self._expected
+        for _, staged in self._staged:
+            staged.hold = hold
         if testing.armed():
             # Deterministic order, so a crash point names the same step on every run.
             failures: list[BaseException] = []
@@ -280,8 +331,8 @@ class AsyncGlobalTransaction:
             decide_sql: tuple[str, Any] = coord._log.settle_pending(self.gtrid, "committed", None)
         else:
             decide_sql = (coord._log.commit_inline(self.gtrid, self.deadline, refs), None)
-        tx, stack = self._decision_tx, self._decision_stack
-        if tx is None or stack is None:
+        tx, cm = self._decision_tx, self._decision_cm
+        if tx is None or cm is None:
             try:
                 rows = await coord._log_run(decide_sql)
             except TwoPhaseError as exc:
@@ -292,29 +343,37 @@ class AsyncGlobalTransaction:
                     return False
                 return await self._unknown_decision(exc)
             return not self._pending_row or rows.rowcount == 1
+        # Consumed here, whatever happens: a later rollback must not touch this connection
+        # once it is back in the pool.
+        self._decision_tx = self._decision_cm = None
         conn = tx._conn
         tx._close()
-        async with stack:
-            try:
-                if self._pending_row:
-                    rows = await conn.run(*decide_sql)
-                    if rows.rowcount != 1:
-                        await conn.run(dialect.rollback())
-                        return False
-                    await conn.run(dialect.commit())
-                elif dialect.name == "postgresql":
-                    # One round trip: the decision and the branch commit together.
-                    await conn.run(f"{decide_sql[0]}; {dialect.commit()}")
-                else:
-                    await conn.run(decide_sql[0])
-                    await conn.run(dialect.commit())
-            except Exception as exc:
-                kind = dialect.classify(exc)
-                if kind in (ErrorKind.DUPLICATE_KEY, ErrorKind.INTEGRITY):
-                    await logdb._quietly(conn, (dialect.rollback(),))
+        unknown: Exception | None = None
+        try:
+            if self._pending_row:
+                rows = await conn.run(*decide_sql)
+                if rows.rowcount != 1:
+                    await conn.command(dialect.rollback())
                     return False
-                conn.discard()
-                return await self._unknown_decision(exc)
+                await conn.command(dialect.commit())
+            elif dialect.name == "postgresql":
+                # One round trip: the decision and the branch commit together.
+                await conn.command(f"{decide_sql[0]}; {dialect.commit()}")
+            else:
+                await conn.command(decide_sql[0])
+                await conn.command(dialect.commit())
+        except Exception as exc:
+            kind = dialect.classify(exc)
+            if kind in (ErrorKind.DUPLICATE_KEY, ErrorKind.INTEGRITY):
+                await logdb._quietly(conn, (dialect.rollback(),))
+                return False
+            conn.discard()
+            unknown = exc
+        finally:
+            await cm.__aexit__(None, None, None)
+        if unknown is not None:
+            await self._release_held()
+            return await self._unknown_decision(unknown)
         return True
 
     async def _unknown_decision(self, exc: BaseException) -> bool:
@@ -341,12 +400,16 @@ class AsyncGlobalTransaction:
         """Roll everything back; a durable rolled-back decision first when others need it."""
         coord = self._coord
         self._open = False
-        if self._decision_tx is not None and self._decision_stack is not None:
+        await self._release_held()
+        tx, cm = self._decision_tx, self._decision_cm
+        if tx is not None and cm is not None:
+            self._decision_tx = self._decision_cm = None
             logdb = coord._log_db
-            self._decision_tx._close()
-            async with self._decision_stack:
-                await logdb._quietly(self._decision_tx._conn, (logdb.dialect.rollback(),))
-            self._decision_tx = None
+            tx._close()
+            try:
+                await logdb._quietly(tx._conn, (logdb.dialect.rollback(),))
+            finally:
+                await cm.__aexit__(None, None, None)
         staged_open = [s for _, s in self._staged if s.tx._open]
         await _acompat.settle([_bind(lambda s: s.abandon(reason), s) for s in staged_open])
         logged = True
@@ -369,6 +432,36 @@ class AsyncGlobalTransaction:
         await coord._rollback_branches(self.gtrid, self._prepared(), reason, self.correlation_id)
         if self._compensations and logged:
             await coord.run_compensations()
+
+
+class _AsyncTransactionBlock:
+    """The block of ``coordinator.transaction(...)``: commits or rolls back when it ends.
+
+    A plain class rather than a generator-based context manager: it runs once per global
+    transaction, on the hot path.
+    """
+
+    __slots__ = ("_coord", "_g", "_name", "_timeout")
+
+    def __init__(self, coord: AsyncCoordinator, name: str, timeout: float) -> None:
+        self._coord = coord
+        self._name = name
+        self._timeout = timeout
+        self._g: AsyncGlobalTransaction | None = None
+
+    async def __aenter__(self) -> AsyncGlobalTransaction:
+        self._g = await self._coord._begin(self._name, self._timeout)
+        return self._g
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        g = self._g
+        assert g is not None  # __aenter__ returned it
+        if exc_type is None:
+            await g._commit()
+        elif g._open:
+            await g._rollback(f"the block raised {exc_type.__name__}")
 
 
 class AsyncCoordinator:
@@ -412,12 +505,16 @@ class AsyncCoordinator:
         #: Checked before a global transaction begins and before recovery.
         self.policy = policy if policy is not None else logdb.policy
         # The coordinator's own steps (decision, rollback, expiry, recovery, compensation)
-        # go to these observers; branch steps go to each participant's.
+        # go to the log database's observers and these (each once); branch steps go to each
+        # participant's.
+        extra = [ob for ob in observers or () if ob not in logdb._events.observers]
         self._events = (
-            logdb._events
-            if observers is None
-            else Emitter(observers, label=log, principal=self.principal)
+            Emitter([*logdb._events.observers, *extra], label=log, principal=self.principal)
+            if extra
+            else logdb._events
         )
+        # Whether anyone receives events: without observers no correlation id is made.
+        self._observed = bool(self._events) or any(db._events for db in participants.values())
 
     # -- configuration ----------------------------------------------------------------
 
@@ -450,32 +547,25 @@ class AsyncCoordinator:
 
     # -- global transactions ----------------------------------------------------------
 
-    @asynccontextmanager
-    async def transaction(
-        self, name: str, *, timeout: float = 30.0
-    ) -> AsyncIterator[AsyncGlobalTransaction]:
+    def transaction(self, name: str, *, timeout: float = 30.0) -> _AsyncTransactionBlock:
         """A global transaction: commits everywhere when the block ends, or nowhere.
 
         ``timeout`` (seconds) sets the deadline: a transaction not decided by then is rolled
         back, by this process or, if it died, by ``recover()``.
         """
+        return _AsyncTransactionBlock(self, name, timeout)
+
+    async def _begin(self, name: str, timeout: float) -> AsyncGlobalTransaction:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         _context.refuse_nesting("coordinator.transaction()")
         txname = TxName.make(name, self.namespace)
-        cid = current_correlation_id()
+        cid = current_correlation_id() if self._observed else ""
         # The block commits when it ends: both are checked now, before any work.
         self._allow("begin", txname.full, cid)
         self._allow("commit", txname.full, cid)
         await self._ensure_log()
-        g = AsyncGlobalTransaction(self, txname, int(time.time() + timeout) + 1, cid)
-        try:
-            yield g
-        except BaseException as exc:
-            if g._open:
-                await g._rollback(f"the block raised {type(exc).__name__}")
-            raise
-        await g._commit()
+        return AsyncGlobalTransaction(self, txname, int(time.time() + timeout) + 1, cid)
 
     async def run(
         self,
@@ -520,19 +610,19 @@ class AsyncCoordinator:
     # -- phase 2 and rollback, shared by transactions and recovery ---------------------
 
     async def _commit_branches(
-        self, gtrid: str, branches: Sequence[PreparedBranch], correlation_id: str
+        self,
+        gtrid: str,
+        work: Sequence[tuple[PreparedBranch, Callable[[], Awaitable[object]]]],
+        correlation_id: str,
     ) -> None:
-        async def commit(p: PreparedBranch) -> None:
-            await self._participant(p.participant)._finish(Action.COMMIT, p.name, correlation_id)
-
         if testing.armed():
-            for n, p in enumerate(branches, 1):
-                await commit(p)
+            for n, (_, commit) in enumerate(work, 1):
+                await commit()
                 testing.reached(f"after_commit:{n}")
             return
-        results = await _acompat.settle([_bind(commit, p) for p in branches])
+        results = await _acompat.settle([commit for _, commit in work])
         failed = [
-            (p, r) for p, r in zip(branches, results, strict=True) if isinstance(r, BaseException)
+            (p, r) for (p, _), r in zip(work, results, strict=True) if isinstance(r, BaseException)
         ]
         if failed:
             p, exc = failed[0]
@@ -570,47 +660,130 @@ class AsyncCoordinator:
 
     # -- recovery ---------------------------------------------------------------------
 
-    async def recover(self, *, dry_run: bool = False, batch: int = 500) -> RecoveryReport:
+    async def recover(
+        self, *, dry_run: bool = False, batch: int = 500, samples: int = REPORT_SAMPLES
+    ) -> RecoveryReport:
         """Finish every in-doubt branch on every participant by the decision log.
 
         Branches with a commit decision are committed; without a decision and past their
         deadline, a rolled-back decision is written first and they are rolled back, and
         the transaction's compensations run. Idempotent; any number of processes may run it
         at once: each global transaction is handled by whoever locks its decision row.
+
+        ``batch``: prepared transactions listed (and global transactions resolved) at a
+        time; memory is bounded by it. ``samples``: actions and errors the report keeps
+        (the counts are exact whatever it is; see ``RecoveryReport``).
         """
+        if batch < 1:
+            raise ValueError(f"batch must be positive, got {batch}")
         cid = current_correlation_id()
         self._allow("recover", "*", cid)
         await self._ensure_log()
-        report = RecoveryReport()
-        found: dict[str, list[PreparedBranch]] = {}
+        report = RecoveryReport(samples=samples)
         prefix = f"{self.namespace}:" if self.namespace else ""
-        deadlines: dict[str, int] = {}
-        for key, db in self.participants.items():
-            try:
-                listed = await db._on_fresh_connection(db._list_prepared_names)
-            except TwoPhaseError as exc:
-                report.errors.append(f"{key}: {exc}")
+        # Every participant's prepared transactions are listed in pages of at most
+        # ``batch``, in name order, and merged: the branches of one global transaction
+        # (named "<gtrid>#...") come together from all participants, and are resolved
+        # together, while memory stays bounded by the pages, however many branches are in
+        # doubt. A branch prepared or finished during the scan is simply seen or not; each
+        # branch is resolved by its global transaction's decision either way.
+        scans = [_Scan(key, db) for key, db in self.participants.items()]
+        while True:
+            for scan in scans:
+                if not scan.buffer:
+                    await self._fill(scan, prefix, batch, report, dry_run, cid)
+            if not any(scan.buffer for scan in scans):
+                break
+            # Global transactions named before this are complete in every buffer: each
+            # scan's later pages hold only later names.
+            open_scans = [scan for scan in scans if not scan.done]
+            frontier = min((scan.buffer[-1].full for scan in open_scans), default=None)
+            found = _take(scans, frontier, batch)
+            if found:
+                await self._recover_batch(sorted(found), found, {}, report, dry_run, cid)
                 continue
-            plain = []
-            for name in listed:
-                if name.branch is None:
-                    plain.append(name.record)  # maybe a branch another process prepared
-                elif name.full.startswith(prefix):
-                    found.setdefault(name.full, []).append(PreparedBranch(key, name))
-            for start in range(0, len(plain), batch):
-                chunk = plain[start : start + batch]
-                for row in await self._log_run(self._log.expected_of(key, chunk, prefix)):
-                    name = TxName(row["record"])
-                    found.setdefault(row["gtrid"], []).append(PreparedBranch(key, name))
-                    deadlines[row["gtrid"]] = int(row["deadline"])
-        gtrids = sorted(found)
-        for start in range(0, len(gtrids), batch):
-            chunk = gtrids[start : start + batch]
-            await self._recover_batch(chunk, found, deadlines, report, dry_run, cid)
+            # Only the frontier's global transaction is left (it may even fill a whole
+            # page): read on where it may continue.
+            for scan in open_scans:
+                if scan.buffer[-1].full == frontier:
+                    await self._fill(scan, prefix, batch, report, dry_run, cid)
         await self._recover_pending(report, dry_run, batch, cid)
         if not dry_run:
             report.compensations += await self.run_compensations()
         return report
+
+    async def _fill(
+        self,
+        scan: _Scan,
+        prefix: str,
+        batch: int,
+        report: RecoveryReport,
+        dry_run: bool,
+        cid: str,
+    ) -> None:
+        """Append the next page of ``scan``'s branches (of this namespace) to its buffer;
+        plain names, which may be branches other processes prepared, are resolved through
+        the expected-branch table a batch at a time."""
+        while not scan.done:
+            try:
+                names = await self._next_page(scan, prefix, batch)
+            except TwoPhaseError as exc:
+                report.add_error(f"{scan.key}: {exc}")
+                scan.done = True
+                break
+            added = False
+            for name in names:
+                if name.branch is None:
+                    scan.plain.append(name.record)
+                elif name.full.startswith(prefix):
+                    scan.buffer.append(name)
+                    added = True
+            if len(scan.plain) >= batch:
+                await self._recover_plain(scan, prefix, report, dry_run, cid)
+            if added:
+                break
+        if scan.done and scan.plain:
+            await self._recover_plain(scan, prefix, report, dry_run, cid)
+
+    async def _next_page(self, scan: _Scan, prefix: str, batch: int) -> list[TxName]:
+        """The next page of the participant's prepared transactions that recovery looks at
+        (see ``decisions.prepared_page``), in name order."""
+        db = scan.db
+        stmt = prepared_page(db.dialect, scan.after, batch, prefix)
+        if stmt is not None:
+            rows = await db._on_fresh_connection(_fetch, stmt)
+            scan.done = len(rows) < batch
+            if rows:
+                scan.after = rows[-1]["gid"]
+            return [p.name for p in db.dialect.parse_prepared(rows, db.database)]
+        if scan.rest is None:
+            # XA RECOVER lists every branch at once: keep only the names recovery may act
+            # on, and hand them out a page at a time (last first, so the list shrinks).
+            listed = await db._on_fresh_connection(db._list_prepared_names)
+            scan.rest = sorted(
+                (n for n in listed if n.branch is None or n.full.startswith(prefix)),
+                key=lambda n: n.record,
+                reverse=True,
+            )
+        page = scan.rest[-batch:]
+        del scan.rest[-batch:]
+        page.reverse()
+        scan.done = not scan.rest
+        return page
+
+    async def _recover_plain(
+        self, scan: _Scan, prefix: str, report: RecoveryReport, dry_run: bool, cid: str
+    ) -> None:
+        """Resolve the expected branches among ``scan``'s plain names collected so far."""
+        records, scan.plain = scan.plain, []
+        found: dict[str, list[PreparedBranch]] = {}
+        deadlines: dict[str, int] = {}
+        for row in await self._log_run(self._log.expected_of(scan.key, records, prefix)):
+            name = TxName(row["record"])
+            found.setdefault(row["gtrid"], []).append(PreparedBranch(scan.key, name))
+            deadlines[row["gtrid"]] = int(row["deadline"])
+        if found:
+            await self._recover_batch(sorted(found), found, deadlines, report, dry_run, cid)
 
     async def _recover_batch(
         self,
@@ -652,13 +825,19 @@ class AsyncCoordinator:
                     if action is Recovery.FENCE_AND_ROLLBACK and not dry_run:
                         report.skipped += len(branches)  # its fence lost a race: next pass
                         continue
-                    label = "fence_and_rollback" if gtrid in fenced else action.name.lower()
+                    label = action.name.lower()
+                    if gtrid in fenced or (
+                        decision is Decision.ROLLED_BACK and row and row["reason"] == _EXPIRED
+                    ):
+                        # Rolled back by a recovery fence: in this batch, or in an earlier
+                        # page or pass (a transaction's branches may span pages).
+                        label = "fence_and_rollback"
                     for b in branches:
                         if action is Recovery.COMMIT:
                             commits.append(b)
                         else:
                             rollbacks.append((gtrid, b))
-                        report.actions.append((gtrid, b.participant, str(b.name), label))
+                        report.add_action(gtrid, b.participant, str(b.name), label)
                 if dry_run:
                     report.committed += len(commits)
                     report.rolled_back += len(rollbacks)
@@ -701,10 +880,10 @@ class AsyncCoordinator:
                     ):
                         continue
                     if decision is Decision.PENDING:
-                        sql = self._log.settle_pending(gtrid, "rolled_back", "deadline")
+                        sql = self._log.settle_pending(gtrid, "rolled_back", _EXPIRED)
                     else:
                         refs = [BranchRef(b.participant, b.name.record) for b in branches]
-                        sql = self._log.fence(gtrid, deadline, refs, "deadline")
+                        sql = self._log.fence(gtrid, deadline, refs, _EXPIRED)
                     if (await conn.run(*sql)).rowcount == 1:
                         fenced.add(gtrid)
                 await conn.run(dialect.commit())
@@ -729,7 +908,7 @@ class AsyncCoordinator:
         existing = {r["gtrid"]: r for r in await conn.run(*self._log.lookup(gtrids))}
         if not existing:
             return existing, set()
-        locked = await conn.run(*self._log.lookup(sorted(existing), lock=True))
+        locked = await conn.run(*self._log.lock(sorted(existing)))
         return existing, {r["gtrid"] for r in locked}
 
     def _plan(
@@ -770,16 +949,26 @@ class AsyncCoordinator:
             )
 
         work = [(Action.COMMIT, p) for p in commits] + [(Action.ROLLBACK, p) for _, p in rollbacks]
-        # A sliding window: a new branch starts as soon as any of the running ones finishes.
-        results = await _acompat.settle(
-            [_bind2(finish, a, p) for a, p in work], limit=self.concurrency
-        )
+        results: list[bool | BaseException] = [False] * len(work)
+        todo = iter(enumerate(work))
+
+        async def worker() -> None:
+            # Each takes the next branch as soon as its last one is finished: a sliding
+            # window of ``concurrency``, with that many calls in flight rather than one
+            # per branch (a shared iterator hands each branch to exactly one worker).
+            for i, (action, p) in todo:
+                try:
+                    results[i] = await finish(action, p)
+                except Exception as exc:
+                    results[i] = exc
+
+        await _acompat.settle([worker for _ in range(min(self.concurrency, len(work)))])
         for (action, p), r in zip(work, results, strict=True):
             if isinstance(r, BaseException):
                 if isinstance(r, UnknownTransaction):
                     continue  # finished by someone else between listing and now
                 report.in_doubt += 1
-                report.errors.append(f"{action.value} {p.name} on {p.participant}: {r}")
+                report.add_error(f"{action.value} {p.name} on {p.participant}: {r}")
                 self._emit(
                     Step.RECOVER,
                     p.name.full,
@@ -827,15 +1016,15 @@ class AsyncCoordinator:
                 for row in rows:
                     for ref in decode_branches(row["branches"]):
                         if ref.participant not in self.participants:
-                            report.errors.append(f"{row['gtrid']}: unknown participant {ref}")
+                            report.add_error(f"{row['gtrid']}: unknown participant {ref}")
                             continue
                         name = _record_name(ref.record)
                         rollbacks.append((row["gtrid"], PreparedBranch(ref.participant, name)))
-                        report.actions.append(
-                            (row["gtrid"], ref.participant, ref.record, "fence_and_rollback")
+                        report.add_action(
+                            row["gtrid"], ref.participant, ref.record, "fence_and_rollback"
                         )
                     if not dry_run:
-                        settle = self._log.settle_pending(row["gtrid"], "rolled_back", "deadline")
+                        settle = self._log.settle_pending(row["gtrid"], "rolled_back", _EXPIRED)
                         await conn.run(*settle)
                         expired.append(row["gtrid"])
                 if dry_run:
@@ -1007,11 +1196,44 @@ def _bind(fn: Callable[[Any], Awaitable[None]], arg: Any) -> Callable[[], Awaita
     return call
 
 
-def _bind2(fn: Callable[[Any, Any], Awaitable[T]], a: Any, b: Any) -> Callable[[], Awaitable[T]]:
-    async def call() -> T:
-        return await fn(a, b)
+class _Scan:
+    """Where recovery's scan of one participant's prepared transactions stands."""
 
-    return call
+    __slots__ = ("after", "buffer", "db", "done", "key", "plain", "rest")
+
+    def __init__(self, key: str, db: AsyncDatabase) -> None:
+        self.key = key
+        self.db = db
+        self.after = ""  # the last gid listed (keyset paging)
+        self.done = False  # nothing more to list
+        self.rest: list[TxName] | None = None  # what is left of an unpaged listing
+        #: Listed branches not resolved yet, in name order.
+        self.buffer: collections.deque[TxName] = collections.deque()
+        #: Plain names listed, not looked up yet.
+        self.plain: list[str] = []
+
+
+def _take(scans: list[_Scan], frontier: str | None, limit: int) -> dict[str, list[PreparedBranch]]:
+    """Take the branches of up to ``limit`` global transactions named before ``frontier``
+    (any, if None) off the scans' buffers, smallest names first, grouped by name."""
+    found: dict[str, list[PreparedBranch]] = {}
+    while len(found) < limit:
+        heads = [scan.buffer[0].full for scan in scans if scan.buffer]
+        if not heads:
+            break
+        gtrid = min(heads)
+        if frontier is not None and gtrid >= frontier:
+            break
+        branches = found[gtrid] = []
+        for scan in scans:
+            buffer = scan.buffer
+            while buffer and buffer[0].full == gtrid:
+                branches.append(PreparedBranch(scan.key, buffer.popleft()))
+    return found
+
+
+async def _fetch(conn: AsyncConn, stmt: Statement) -> Rows:
+    return await conn.run(*stmt)
 
 
 def _expired(deadline: float, now: float) -> bool:
