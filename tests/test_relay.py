@@ -5,8 +5,7 @@ procs/outbox_env.py), so ``lag()`` and "delivered exactly once" count only its m
 What arrived is read from the broker directly: XRANGE on the Redis stream, a consumer on the
 RabbitMQ queue, a pull consumer on the JetStream stream.
 
-Messages are published with the sync API: the async one cannot publish on MariaDB (see
-test_outbox.py::test_async_publish).
+Messages are published with the sync API (test_outbox.py covers the async one).
 """
 
 from __future__ import annotations
@@ -250,22 +249,7 @@ async def _max_failures(url: str) -> int:
     return int(rows[0]["f"] or 0)
 
 
-OUTAGE_BUG = (
-    "a broker outage on an established connection is counted as a failed attempt per "
-    "message (adapter publish returns the errors instead of raising) and the relay never "
-    "reconnects (_connected stays True): every message published during the outage is "
-    "dead-lettered"
-)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "redis",
-        pytest.param("nats", marks=pytest.mark.xfail(strict=True, reason=OUTAGE_BUG)),
-        "rabbitmq",
-    ],
-)
+@pytest.mark.parametrize("kind", ["redis", "nats", "rabbitmq"])
 async def test_broker_outage_backs_off_then_delivers_everything(kind: str) -> None:
     """Both databases at once (one relay each), so the broker restarts once per test."""
     with isolated_database("postgresql") as pg_url, isolated_database("mysql") as my_url:
@@ -304,6 +288,10 @@ async def test_broker_outage_backs_off_then_delivers_everything(kind: str) -> No
                 assert not lane.task.done()
                 lag = await lane.relay.lag()
                 assert (lag.pending, lag.dead, lag.delivered) == (0, 0, 40)
+                # An unreachable broker is no failed attempt: each message counts one, its
+                # delivery.
+                rows = await asyncio.to_thread(outbox_rows, lane.url)
+                assert {(r["state"], r["attempts"]) for r in rows} == {(1, 1)}
                 ids = {m for m, _ in pub}
                 # Redis lost the first messages in the restart (no persistence), RabbitMQ's
                 # were consumed above, JetStream still has them: compare the second round.
@@ -320,8 +308,7 @@ async def test_broker_outage_backs_off_then_delivers_everything(kind: str) -> No
 
 
 async def _settled(lane: Lane, delivered: int) -> bool:
-    """Nothing pending and the delivered counter caught up (the relay marks messages, then
-    counts them per partition, in separate statements)."""
+    """Nothing pending and the delivered counter caught up."""
     lag = await lane.relay.lag()
     return lag.pending == 0 and (lag.dead > 0 or lag.delivered == delivered)
 
@@ -349,12 +336,6 @@ async def test_parallel_workers_never_double_deliver(ob_url: str, case: BrokerCa
     check_delivery(published, delivered)
     assert sum(s.delivered for s in stats) == 600
     assert (lag.pending, lag.delivered) == (0, 600)
-
-
-FAIR_SHARE_BUG = (
-    "a worker that holds no lease is never counted in live_owners(), so the first worker "
-    "keeps a share of all 32 partitions and renews them forever; later workers get none"
-)
 
 
 @pytest.mark.parametrize("dialect_name", ["postgresql"])
@@ -434,13 +415,6 @@ async def test_dead_letter_after_max_attempts(ob_url: str) -> None:
         await client.aclose()
 
 
-ERROR_TEXT_BUG = (
-    "Relay._settle records repr(exc) as the error; redis-py 8 exceptions' repr is "
-    "'server:ResponseError', so the broker's message (WRONGTYPE ...) is lost from the "
-    "dead letter"
-)
-
-
 @pytest.mark.parametrize("dialect_name", ["postgresql"])
 async def test_dead_letter_keeps_the_broker_error_message(ob_url: str) -> None:
     import redis.asyncio as redis
@@ -463,18 +437,13 @@ async def test_dead_letter_keeps_the_broker_error_message(ob_url: str) -> None:
         await client.aclose()
 
 
-ORDER_AFTER_FAILURE_BUG = (
-    "Relay._settle marks later messages of a key delivered although an earlier message of "
-    "the same key in the batch failed and stays pending; when its retry succeeds, the "
-    "broker holds the key's messages out of order"
-)
+# -- order per key when the broker refuses one message ----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=ORDER_AFTER_FAILURE_BUG)
-@pytest.mark.parametrize("dialect_name", ["postgresql"])
-async def test_key_order_survives_a_failed_attempt(ob_url: str) -> None:
-    """The first message of a key fails once (too large for the stream, until the stream's
-    limit is raised); the key's second message must not overtake it."""
+async def test_key_order_survives_a_failed_attempt_nats(ob_url: str) -> None:
+    """JetStream refuses a message too large for the stream (until its limit is raised): the
+    later messages of that key wait for it, other keys go on (the relay sends such a batch
+    in rounds: the n-th message of each key in round n)."""
     import nats
     from nats.js.api import StreamConfig
 
@@ -487,20 +456,145 @@ async def test_key_order_survives_a_failed_attempt(ob_url: str) -> None:
     try:
         with twophase.connect(ob_url, pool_max=2) as db, db.transaction() as tx:
             published = [
-                (tx.outbox.publish(case.topic, b"x" * 2048, key="k"), "k"),
-                (tx.outbox.publish(case.topic, b"small", key="k"), "k"),
+                (tx.outbox.publish(case.topic, body, key=key), key)
+                for key, body in [
+                    ("k", b"x" * 2048),  # refused
+                    ("other", b"o1"),
+                    ("k", b"small"),  # held back behind the refused one
+                    (None, b"no key"),
+                    ("other", b"o2"),
+                    ("k", b"small too"),  # held back
+                ]
             ]
         adb = await twophase.connect_async(ob_url)
         try:
             relay = Relay(adb, NatsJetStream(NATS_URL), backoff=(0.01, 0.05))
-            await relay.step()  # the large one fails, the small one goes through
+            assert await relay.step() == 3  # o1, o2 and the unkeyed one
+            state = {r["msg_id"]: (r["state"], r["attempts"]) for r in outbox_rows(ob_url)}
+            assert [state[m] for m, _ in published] == [
+                (0, 1),
+                (1, 1),
+                (0, 0),
+                (1, 1),
+                (1, 1),
+                (0, 0),
+            ]
+            assert [d.msg_id for d in await case.read()] == [published[i][0] for i in (1, 3, 4)]
             await js.update_stream(
                 StreamConfig(name=case.stream, subjects=[case.topic], max_msg_size=-1)
             )
             await asyncio.wait_for(relay.run(until_idle=True), 30)
+            lag = await relay.lag()
         finally:
             await adb.close()
+        assert (lag.pending, lag.dead, lag.delivered) == (0, 0, 6)
         check_delivery(published, await case.read())
     finally:
         await nc.close()
         await case.cleanup()
+
+
+async def test_key_order_survives_a_failed_attempt_redis(ob_url: str) -> None:
+    """One key's messages go to two streams; XADD to the first fails (its name holds a
+    string) until the string is deleted. The key's message on the good stream waits for it
+    (Redis stops the key inside the batch's script); another key goes on."""
+    import redis.asyncio as redis
+
+    bad, good = RedisCase(), RedisCase()
+    client = redis.from_url(REDIS_URL)
+    await client.set(bad.topic, "a string, not a stream")
+    try:
+        with twophase.connect(ob_url, pool_max=2) as db, db.transaction() as tx:
+            first = tx.outbox.publish(bad.topic, b"first", key="k")
+            second = tx.outbox.publish(good.topic, b"second", key="k")
+            other = tx.outbox.publish(good.topic, b"other", key="j")
+        adb = await twophase.connect_async(ob_url)
+        try:
+            relay = Relay(adb, RedisStreams(REDIS_URL), backoff=(0.01, 0.05))
+            assert await relay.step() == 1
+            assert [d.msg_id for d in await good.read()] == [other]
+            state = {r["msg_id"]: (r["state"], r["attempts"]) for r in outbox_rows(ob_url)}
+            assert state == {first: (0, 1), second: (0, 0), other: (1, 1)}
+
+            await client.delete(bad.topic)
+            await asyncio.wait_for(relay.run(until_idle=True), 30)
+            lag = await relay.lag()
+        finally:
+            await adb.close()
+        assert (lag.pending, lag.dead, lag.delivered) == (0, 0, 3)
+        assert [d.msg_id for d in await bad.read()] == [first]
+        assert [d.msg_id for d in await good.read()] == [other, second]
+    finally:
+        await client.delete(bad.topic, good.topic)
+        await client.aclose()
+
+
+class Recording:
+    """A real adapter, watched: the msg_ids the broker accepted, in the order it did.
+
+    With ``whole_batches`` False it does not declare ``orders_keys``, so the relay sends
+    each batch in rounds itself (as for an adapter of another library)."""
+
+    def __init__(self, inner: Any, *, whole_batches: bool) -> None:
+        self.inner = inner
+        self.name = inner.name
+        if whole_batches:
+            self.orders_keys = True
+        self.accepted: list[str] = []
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def publish(self, messages: Any) -> list[BaseException | None]:
+        results: list[BaseException | None] = await self.inner.publish(messages)
+        self.accepted += [m.msg_id for m, r in zip(messages, results, strict=True) if r is None]
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.mark.parametrize("whole_batches", [True, False], ids=["adapter-orders", "relay-rounds"])
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mysql"])
+async def test_run_keeps_key_order_while_batches_overlap(ob_url: str, whole_batches: bool) -> None:
+    """run() fetches the next batch while the last one is being marked. A key whose first
+    message failed in one batch must not get its later messages, already fetched in the
+    next batch, through before it: here k's first message fails (its stream's name holds a
+    string) until the string is deleted, with batches of two."""
+    import redis.asyncio as redis
+
+    bad, good = RedisCase(), RedisCase()
+    client = redis.from_url(REDIS_URL)
+    await client.set(bad.topic, "a string, not a stream")
+    try:
+        published: Published = []
+        with twophase.connect(ob_url, pool_max=2) as db, db.transaction() as tx:
+            for i in range(8):
+                key = "k" if i % 2 == 0 else "j"
+                topic = bad.topic if i == 0 else good.topic
+                published.append((tx.outbox.publish(topic, {"i": i}, key=key), key))
+        adb = await twophase.connect_async(ob_url)
+        broker = Recording(RedisStreams(REDIS_URL), whole_batches=whole_batches)
+        try:
+            relay = Relay(adb, broker, batch=2, backoff=(0.01, 0.05), max_attempts=1000)
+            task = asyncio.create_task(relay.run(until_idle=True))
+            first = published[0][0]
+            await until(lambda: _attempts_at_least(ob_url, first, 3), what="k's first to fail")
+            await client.delete(bad.topic)
+            await asyncio.wait_for(task, 30)
+            lag = await relay.lag()
+        finally:
+            await adb.close()
+        assert (lag.pending, lag.dead, lag.delivered) == (0, 0, 8)
+        assert sorted(broker.accepted) == sorted(m for m, _ in published)
+        for key in ("k", "j"):
+            want = [m for m, k in published if k == key]
+            assert [m for m in broker.accepted if m in want] == want, f"order of {key!r}"
+    finally:
+        await client.delete(bad.topic, good.topic)
+        await client.aclose()
+
+
+async def _attempts_at_least(url: str, msg_id: str, n: int) -> bool:
+    rows = await asyncio.to_thread(outbox_rows, url)
+    return any(r["msg_id"] == msg_id and r["attempts"] >= n for r in rows)

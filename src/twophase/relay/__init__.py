@@ -6,7 +6,16 @@ import asyncio
 from typing import Any
 
 from .._async.connect import connect_async
-from .brokers import Broker, NatsJetStream, RabbitMQ, RedisStreams, broker_from_url
+from .brokers import (
+    Broker,
+    BrokerUnavailable,
+    HeldBack,
+    NatsJetStream,
+    RabbitMQ,
+    RedisStreams,
+    broker_from_url,
+    in_key_order,
+)
 from .core import Lag, Relay, RelayStats
 
 
@@ -30,6 +39,8 @@ def run_relay(url: str | None, to: str, *, until_idle: bool = False, **options: 
 
 __all__ = [
     "Broker",
+    "BrokerUnavailable",
+    "HeldBack",
     "Lag",
     "NatsJetStream",
     "RabbitMQ",
@@ -37,6 +48,7 @@ __all__ = [
     "Relay",
     "RelayStats",
     "broker_from_url",
+    "in_key_order",
     "relay_async",
     "run_relay",
 ]

@@ -9,29 +9,38 @@ its lease expires, and delivery resumes from its first undelivered message.
 
 What "at least once" means here: a message is marked delivered only after the broker has
 it; a worker that dies between the two re-sends it later, under the same ``msg_id``.
-A message that fails ``max_attempts`` times is dead-lettered (state 2, error kept) and
-skipped; its partition moves on. Broker failures back the affected partitions off
-exponentially (``backoff`` seconds, doubling, capped).
+
+Order per key: a message is never sent before the broker accepted every earlier pending
+message of its key. Within a batch, the adapter stops a key at its first failure (or the
+relay sends the batch in rounds, see :class:`~twophase.relay.brokers.Broker`); the messages
+held back stay pending, and the failed message's partition backs off, so later batches do
+not overtake it either. A message that fails ``max_attempts`` times is dead-lettered
+(state 2, error kept) and skipped; its key moves on. Broker failures back the affected
+partitions off exponentially (``backoff`` seconds, doubling, capped); an unreachable broker
+does not count as a failed attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from psycopg.rows import tuple_row
+
 from .._async.database import AsyncDatabase
-from ..outbox import PARTITIONS, Message
-from .brokers import Broker
+from .._async.driver import AsyncPgConn
+from ..dialects.base import ErrorKind
+from ..outbox import PARTITIONS, Message, Statement
+from .brokers import Broker, BrokerUnavailable, HeldBack, in_key_order
 
 log = logging.getLogger("twophase.relay")
 
@@ -57,7 +66,14 @@ class Lag:
 
 
 class Relay:
-    """One relay worker: ``await relay.run()`` until stopped, or ``await relay.step()``."""
+    """One relay worker: ``await relay.run()`` until stopped, or ``await relay.step()``.
+
+    ``batch``: messages fetched and published together. ``lease_seconds``: how long a
+    partition stays this worker's without renewal (renewed every third of it).
+    ``max_attempts``: refusals before a message is dead-lettered. ``backoff``: (first,
+    longest) pause of a failing partition, doubling in between. ``idle_sleep``: (first,
+    longest) pause when nothing is pending, doubling in between.
+    """
 
     def __init__(
         self,
@@ -85,7 +101,6 @@ class Relay:
         self._sql = db._outbox_sql
         self._held: list[int] = []
         self._leases_at = 0.0
-        self._failures: dict[int, int] = {}
         self._connected = False
         self._stopping = asyncio.Event()
 
@@ -94,23 +109,62 @@ class Relay:
     async def run(
         self, *, until_idle: bool = False, on_batch: Callable[[int], None] | None = None
     ) -> RelayStats:
-        """Deliver until ``stop()`` (or, with ``until_idle``, until nothing is pending)."""
+        """Deliver until ``stop()`` (or, with ``until_idle``, until nothing is pending).
+
+        Batches overlap: while one is being marked delivered, the next is fetched (leaving
+        out the one in flight). It is published only once the marking is done, and without
+        the partitions that just failed, so the order of a key holds as in :meth:`step`.
+        ``on_batch`` gets the number delivered of each batch once it is marked.
+        """
         await self.db._ensure_tables("outbox", self._sql.schema())
         idle = self.idle_sleep[0]
+        marking: asyncio.Task[_Settled] | None = None
+        in_flight: list[int] | None = None
+
+        async def finish() -> _Settled:
+            nonlocal marking, in_flight
+            assert marking is not None
+            try:
+                settled = await marking
+            finally:
+                marking, in_flight = None, None
+            if on_batch is not None and settled.delivered:
+                on_batch(settled.delivered)
+            return settled
+
         try:
             while not self._stopping.is_set():
-                sent = await self.step()
-                if on_batch is not None and sent:
-                    on_batch(sent)
-                if sent:
-                    idle = self.idle_sleep[0]
+                delivered = 0
+                if marking is not None and self._leases_due():
+                    # Not while a batch is being marked: taking leases skips locked lease
+                    # rows, and the marking locks this worker's own.
+                    delivered += (await finish()).delivered
+                batch = await self._next_batch(in_flight)
+                if marking is not None:
+                    settled = await finish()
+                    delivered += settled.delivered
+                    if batch is not None and settled.failing:
+                        batch = batch.without(settled.failing)
+                if batch is None:
+                    if delivered:
+                        idle = self.idle_sleep[0]
+                        continue
+                    if until_idle and not await self.db._autocommit(*self._sql.any_pending()):
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), idle)
+                    idle = min(idle * 2, self.idle_sleep[1])
                     continue
-                if until_idle and (await self.lag()).pending == 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), idle)
-                idle = min(idle * 2, self.idle_sleep[1])
+                idle = self.idle_sleep[0]
+                results = await self._send(batch)
+                if results is not None:
+                    marking = asyncio.create_task(self._settle(batch, results))
+                    in_flight = [m.id for m in batch.messages]
         finally:
+            if marking is not None:
+                # Published: mark it now, or it is sent again (at least once either way).
+                with contextlib.suppress(Exception):
+                    await marking
             await self.close()
         return self.stats
 
@@ -120,77 +174,149 @@ class Relay:
 
     async def step(self) -> int:
         """One round: keep leases fresh, deliver one batch; how many were delivered."""
+        batch = await self._next_batch(None)
+        if batch is None:
+            return 0
+        results = await self._send(batch)
+        if results is None:
+            return 0
+        return (await self._settle(batch, results)).delivered
+
+    async def _next_batch(self, in_flight: list[int] | None) -> _Batch | None:
+        """Keep leases fresh; the oldest pending messages of this worker's ready partitions
+        (without ``in_flight``), or None."""
         await self.db._ensure_tables("outbox", self._sql.schema())
-        if time.monotonic() - self._leases_at > self.lease_seconds / 3:
+        if self._leases_due():
             await self._refresh_leases()
         if not self._held:
-            return 0
+            return None
         ready = [
             r["p"] for r in await self.db._autocommit(*self._sql.ready_partitions(self.worker_id))
         ]
         if not ready:
-            return 0
-        rows = await self.db._autocommit(*self._sql.fetch(ready, self.batch))
+            return None
+        rows = await self._tuples(self._sql.fetch(ready, self.batch, in_flight))
         if not rows:
-            return 0
-        messages = [_message(r) for r in rows]
+            return None
+        # Columns: id, msg_id, topic, key, partition, payload, headers, attempts.
+        return _Batch(
+            [Message(r[0], r[1], r[2], r[3], r[5], None, r[7], headers_json=r[6]) for r in rows],
+            [r[4] for r in rows],
+        )
+
+    async def _send(self, batch: _Batch) -> list[BaseException | None] | None:
+        """Publish a batch; None if the broker could not take any of it (then its
+        partitions back off)."""
         try:
             if not self._connected:
                 await self.broker.connect()
                 self._connected = True
-            results = await self.broker.publish(messages)
+            return await self._publish(batch.messages)
         except Exception as exc:
             # The broker is down or the link broke: nothing of this batch is known to have
             # arrived, so nothing is marked; those partitions wait and the batch is re-sent.
             self._connected = False
             log.warning("%s unavailable (%s); backing off", self.broker.name, exc)
-            await self._back_off(sorted({_partition_of(r) for r in rows}))
-            self.stats.failed += len(messages)
-            return 0
-        return await self._settle(rows, messages, results)
+            await self._back_off(sorted(set(batch.partitions)))
+            self.stats.failed += len(batch.messages)
+            return None
 
-    async def _settle(
-        self,
-        rows: list[dict[str, Any]],
-        messages: list[Message],
-        results: list[BaseException | None],
-    ) -> int:
-        done = [m.id for m, r in zip(messages, results, strict=True) if r is None]
-        per_partition: dict[int, int] = {}
-        for row, r in zip(rows, results, strict=True):
-            if r is None:
-                p = _partition_of(row)
-                per_partition[p] = per_partition.get(p, 0) + 1
-        if done:
-            await self.db._autocommit(*self._sql.delivered(done))
-            for p, n in per_partition.items():
-                await self.db._autocommit(*self._sql.count_delivered(p, n))
-                self._failures.pop(p, None)
+    async def _publish(self, messages: list[Message]) -> list[BaseException | None]:
+        """No message may go out before the earlier ones of its key were accepted: the
+        built-in adapters see to it themselves (``orders_keys``); for others, the relay
+        sends the batch in rounds."""
+        if getattr(self.broker, "orders_keys", False):
+            return await self.broker.publish(messages)
+        return await in_key_order(messages, self.broker.publish)
+
+    async def _settle(self, batch: _Batch, results: Sequence[BaseException | None]) -> _Settled:
+        """Mark what the broker has, count failed attempts (dead-lettering), back off the
+        partitions that did not get through entirely."""
+        done: list[int] = []
         failed_partitions: set[int] = set()
-        for row, m, r in zip(rows, messages, results, strict=True):
+        refused: list[tuple[Message, BaseException]] = []
+        unavailable: BaseException | None = None
+        for m, p, r in zip(batch.messages, batch.partitions, results, strict=True):
             if r is None:
+                done.append(m.id)
                 continue
+            failed_partitions.add(p)
+            if isinstance(r, HeldBack):
+                continue
+            self.stats.failed += 1
+            if isinstance(r, BrokerUnavailable):
+                unavailable = unavailable or r
+            else:
+                refused.append((m, r))
+        failing = sorted(failed_partitions)
+        delivered = await self._mark_delivered(done, failing) if done else 0
+        for m, r in refused:
             dead = m.attempts + 1 >= self.max_attempts
             await self.db._autocommit(*self._sql.failed(m, f"{type(r).__name__}: {r}", dead))
-            self.stats.failed += 1
             if dead:
                 self.stats.dead += 1
                 log.error("dead-lettered %s after %d attempts: %r", m.msg_id, m.attempts + 1, r)
-            failed_partitions.add(_partition_of(row))
-        if failed_partitions:
-            await self._back_off(sorted(failed_partitions))
-        self.stats.delivered += len(done)
+        if unavailable is not None:
+            # Reconnect before the next batch: the client may be unusable.
+            self._connected = False
+            log.warning("%s unavailable (%s); backing off", self.broker.name, unavailable)
+        if failing:
+            await self._back_off(failing)
+        self.stats.delivered += delivered
         self.stats.batches += 1
-        return len(done)
+        return _Settled(delivered, failed_partitions)
+
+    async def _mark_delivered(self, ids: list[int], failing: list[int]) -> int:
+        """Mark ``ids`` delivered and count them per partition, atomically; how many were
+        still pending (another worker may have marked some meanwhile)."""
+        db, sql = self.db, self._sql
+        if sql.pg:
+            rows = await db._autocommit(*sql.settle(ids, failing))
+            return sum(int(r["n"]) for r in rows)
+        dialect = db.dialect
+
+        def failed(exc: Exception) -> NoReturn:
+            db._raise(exc, "could not mark outbox messages delivered")
+
+        async with db._begun((dialect.begin(),), (dialect.rollback(),), failed) as conn:
+            try:
+                counts = {int(r["p"]): int(r["n"]) for r in await conn.run(*sql.lock_pending(ids))}
+                if counts:
+                    await conn.run(*sql.mark_delivered(ids))
+                    await conn.run(*sql.count_delivered(counts, failing))
+                await conn.run(dialect.commit())
+            except BaseException as exc:
+                await db._quietly(conn, (dialect.rollback(),))
+                if isinstance(exc, Exception):
+                    failed(exc)
+                raise
+        return sum(counts.values())
 
     async def _back_off(self, partitions: list[int]) -> None:
-        for p in partitions:
-            self._failures[p] = self._failures.get(p, 0) + 1
-        worst = max(self._failures[p] for p in partitions)
-        delay = min(self.backoff[0] * 2 ** (worst - 1), self.backoff[1])
-        await self.db._autocommit(*self._sql.back_off(partitions, delay))
+        await self.db._autocommit(*self._sql.back_off(partitions, *self.backoff))
+
+    async def _tuples(self, stmt: Statement) -> list[tuple[Any, ...]]:
+        """Rows as tuples: the fetch is the hot path, and dict rows cost per row. On
+        PostgreSQL in binary (bytea arrives as is, not hex-encoded)."""
+        db = self.db
+        async with db._pool.connection() as conn:
+            if not isinstance(conn, AsyncPgConn):
+                return [tuple(r.values()) for r in await db._user_statement(conn, *stmt)]
+            try:
+                async with conn.raw.cursor(row_factory=tuple_row) as cur:
+                    await cur.execute(stmt[0], stmt[1], binary=True)
+                    return await cur.fetchall()
+            except Exception as exc:
+                if conn.raw.broken or conn.raw.closed:
+                    conn.broken = True
+                if db.dialect.classify(exc) is ErrorKind.CONNECTION:
+                    await db._pool.reset_idle()
+                db._raise(exc, "could not fetch outbox messages")
 
     # -- leases -----------------------------------------------------------------------
+
+    def _leases_due(self) -> bool:
+        return time.monotonic() - self._leases_at > self.lease_seconds / 3
 
     async def _refresh_leases(self) -> None:
         """Renew ours, take free partitions up to a fair share, give back any excess."""
@@ -246,18 +372,24 @@ class Relay:
         )
 
 
-def _message(row: dict[str, Any]) -> Message:
-    payload = row["payload"]
-    return Message(
-        id=int(row["id"]),
-        msg_id=str(row["msg_id"]),
-        topic=row["topic"],
-        key=row["msg_key"],
-        payload=bytes(payload),
-        headers=json.loads(row["headers"] or "{}"),
-        attempts=int(row["attempts"]),
-    )
+@dataclass(slots=True)
+class _Batch:
+    """Messages fetched together, with the partition of each."""
+
+    messages: list[Message]
+    partitions: list[int]
+
+    def without(self, partitions: set[int]) -> _Batch | None:
+        """The batch less the messages of ``partitions`` (None if nothing is left)."""
+        keep = [i for i, p in enumerate(self.partitions) if p not in partitions]
+        if not keep:
+            return None
+        return _Batch([self.messages[i] for i in keep], [self.partitions[i] for i in keep])
 
 
-def _partition_of(row: dict[str, Any]) -> int:
-    return int(row["part"])
+@dataclass(frozen=True, slots=True)
+class _Settled:
+    """A batch once marked: how many were delivered, which partitions failed."""
+
+    delivered: int
+    failing: set[int]
