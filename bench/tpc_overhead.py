@@ -67,7 +67,17 @@ VARIANT_LABELS = {
     "b": "hand-written psycopg 2PC (BEGIN; INSERT; PREPARE; COMMIT PREPARED)",
     "c": "twophase begin_distributed + commit_distributed",
     "o": "(c) observed: connect(audit=True, tracing=True), OpenTelemetry SDK, spans discarded",
+    "oa": "(c) with connect(audit=True) only",
+    "ot": "(c) with connect(tracing=True) only, OpenTelemetry SDK, spans discarded",
 }
+# (audit, tracing) of each twophase variant: (oa) and (ot) split (o)'s cost in two.
+OBSERVED = {
+    "c": (False, False),
+    "o": (True, True),
+    "oa": (True, False),
+    "ot": (False, True),
+}
+VARIANTS = ("a", "b", "b+", "c", "o", "oa", "ot")
 # With --breakdown: (b) plus exactly the SQL twophase adds (its claim of the name), written by
 # hand. (b+)/(b) is then the price of the outcome record on the server and (c)/(b+) the
 # price of the library's Python code, splitting (c)/(b) into its two causes.
@@ -276,10 +286,12 @@ class TwophaseSync(SyncVariant):
     becomes a span of the OpenTelemetry SDK installed by install_tracer_provider().
     """
 
-    def __init__(self, url: str, name_prefix: str, *, builder: bool, observe: bool) -> None:
+    def __init__(
+        self, url: str, name_prefix: str, *, builder: bool, observe: tuple[bool, bool]
+    ) -> None:
         super().__init__(url, name_prefix)
         self.builder = builder
-        self.observe = observe
+        self.audit, self.tracing = observe
 
     def open(self, clients: int) -> None:
         # pool_min = pool_max = clients: every client has a connection from the start, so
@@ -288,8 +300,8 @@ class TwophaseSync(SyncVariant):
             self.url,
             pool_min=clients,
             pool_max=clients,
-            audit=self.observe,
-            tracing=self.observe,
+            audit=self.audit,
+            tracing=self.tracing,
         )
 
     def step(self, client: int, seq: int) -> None:
@@ -417,18 +429,20 @@ class HandTpcAsync(AsyncVariant):
 class TwophaseAsync(AsyncVariant):
     """(c) (or (o), see TwophaseSync) with ``twophase.connect_async``."""
 
-    def __init__(self, url: str, name_prefix: str, *, builder: bool, observe: bool) -> None:
+    def __init__(
+        self, url: str, name_prefix: str, *, builder: bool, observe: tuple[bool, bool]
+    ) -> None:
         super().__init__(url, name_prefix)
         self.builder = builder
-        self.observe = observe
+        self.audit, self.tracing = observe
 
     async def open(self, clients: int) -> None:
         self.db = await twophase.connect_async(
             self.url,
             pool_min=clients,
             pool_max=clients,
-            audit=self.observe,
-            tracing=self.observe,
+            audit=self.audit,
+            tracing=self.tracing,
         )
 
     async def step(self, client: int, seq: int) -> None:
@@ -1206,7 +1220,7 @@ def make_sync(key: str, plan: Plan, names: str) -> SyncVariant:
         return PlainSync(plan.url, names)
     if key in ("b", "b+"):
         return HandTpcSync(plan.url, names, same_conn=plan.same_conn, claim=key == "b+")
-    return TwophaseSync(plan.url, names, builder=plan.builder, observe=key == "o")
+    return TwophaseSync(plan.url, names, builder=plan.builder, observe=OBSERVED[key])
 
 
 def make_async(key: str, plan: Plan, names: str) -> AsyncVariant:
@@ -1215,7 +1229,7 @@ def make_async(key: str, plan: Plan, names: str) -> AsyncVariant:
         return PlainAsync(plan.url, names)
     if key in ("b", "b+"):
         return HandTpcAsync(plan.url, names, same_conn=plan.same_conn, claim=key == "b+")
-    return TwophaseAsync(plan.url, names, builder=plan.builder, observe=key == "o")
+    return TwophaseAsync(plan.url, names, builder=plan.builder, observe=OBSERVED[key])
 
 
 def run_all(plan: Plan, admin: Admin, log: Callable[[str], None]) -> list[RunResult]:
@@ -1487,6 +1501,12 @@ def summarise(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], list[
                 "observe_target_met": verdict,
                 "observe_doubts": doubts,
             }
+        for part in ("oa", "ot"):
+            if {"c", part} <= by_key.keys():
+                ratio[f"{part}_over_c"] = by_key[part]["median_tps"] / by_key["c"]["median_tps"]
+                ratio[f"{part}_over_c_paired"] = _paired(
+                    runs_of("c"), runs_of(part), OBSERVE_TARGET, "(c)", f"({part})"
+                )[0]
         if len(ratio) > 2:
             ratios.append(ratio)
     return summary, ratios
@@ -1559,10 +1579,10 @@ def render(report: dict[str, Any]) -> str:
         "Variants",
         *(
             f"  ({k}) {VARIANT_LABELS.get(k, BREAKDOWN_LABEL)}"
-            for k in ["a", "b", "b+", "c", "o"]
+            for k in VARIANTS
             if k in plan["variants"]
         ),
-        *([f"  (o) tracing: {plan['tracer']}"] if plan.get("tracer") else []),
+        *([f"  tracing: {plan['tracer']}"] if plan.get("tracer") else []),
         "",
         "Results (median of the repeats; CPU is microseconds per transaction: 'client' this",
         "process, 'server' this run's backends, 'other' the rest of the machine's busy time --",
@@ -1620,13 +1640,20 @@ def render(report: dict[str, Any]) -> str:
                 f"{pad}verdict from undisturbed repeats [{clean}]"
                 + (f" ({'; '.join(r['observe_doubts'])})" if r["observe_doubts"] else "")
             )
+        for part, what in (("oa", "audit only"), ("ot", "tracing only")):
+            if f"{part}_over_c" in r:
+                paired = ", ".join(f"{x:.3f}" for x in r[f"{part}_over_c_paired"])
+                lines.append(
+                    f"{head}({part})/(c) = {r[f'{part}_over_c']:.3f} [paired {paired}] ({what})"
+                )
+                head = pad
     ot = report["outcome_table"]
     lines += [
         "",
         f"twophase_outcome: {ot['before']['rows']} rows / {ot['before']['bytes'] // 1024} kB "
         f"before, {ot['after_runs']['rows']} rows / {ot['after_runs']['bytes'] // 1024} kB "
         f"after the runs ({ot['after_runs']['bench_rows']} of them this benchmark's: one per "
-        f"{', '.join(f'({k})' for k in plan['variants'] if k in ('b+', 'c', 'o'))} "
+        f"{', '.join(f'({k})' for k in plan['variants'] if k not in ('a', 'b'))} "
         "transaction, warm-ups included).",
         "Cleanup: {rolled_back_stray_prepared} stray prepared rolled back, "
         "{deleted_outcome_rows} outcome rows and {deleted_audit_rows} audit rows deleted, "
@@ -1678,7 +1705,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default="a,b,c",
-        help="which variants to run, of a,b,b+,c,o (e.g. 'c' alone to profile it with py-spy)",
+        help="which variants to run, of a,b,b+,c,o,oa,ot (e.g. 'c' alone to profile it with\n"
+        "py-spy; 'c,o,oa,ot' to split the cost of observing into audit and tracing)",
     )
     p.add_argument(
         "--settle",
@@ -1704,8 +1732,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         variants.insert(variants.index("c") if "c" in variants else len(variants), "b+")
     if args.observe and "o" not in variants:
         variants.append("o")
-    if not variants or not set(variants) <= {"a", "b", "b+", "c", "o"}:
-        p.error(f"--variants takes a comma-separated subset of a,b,b+,c,o, got {args.variants!r}")
+    if not variants or not set(variants) <= set(VARIANTS):
+        p.error(
+            f"--variants takes a comma-separated subset of {','.join(VARIANTS)}, "
+            f"got {args.variants!r}"
+        )
     args.variant_list = variants
     if args.schema is not None:
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", args.schema):
@@ -1744,7 +1775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slice=args.slice / 1000.0,
         schema=args.schema,
     )
-    if "o" in plan.variants:
+    if {"o", "ot"} & set(plan.variants):
         plan.tracer = install_tracer_provider()
 
     def log(msg: str) -> None:

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from itertools import product
 from pathlib import Path
@@ -35,7 +35,7 @@ def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     provider.shutdown()
 
 
-def by_name(finished: tuple[ReadableSpan, ...], prefix: str = "twophase.") -> list[str]:
+def by_name(finished: Sequence[ReadableSpan], prefix: str = "twophase.") -> list[str]:
     return [s.name for s in finished if s.name.startswith(prefix)]
 
 
@@ -47,11 +47,13 @@ def test_spans_for_a_commit_parented_to_the_callers_span(
 ) -> None:
     provider, exporter = spans
     tracer = provider.get_tracer("app")
-    with twophase.connect(url, observers=[Tracing(provider)], principal="svc") as db:
+    tracing = Tracing(provider)  # spans made by a background thread
+    with twophase.connect(url, observers=[tracing], principal="svc") as db:
         with tracer.start_as_current_span("request") as request:
             db.begin_distributed(txname, lambda tx: tx.insert_into(table).values(id=1).execute())
             db.commit_distributed(txname)
-        finished = exporter.get_finished_spans()
+        assert tracing.flush()
+        finished = [s for s in exporter.get_finished_spans() if s.name.startswith("twophase.")]
     assert by_name(finished) == ["twophase.begin", "twophase.prepare", "twophase.commit"]
     request_ctx = request.get_span_context()
     for span in finished[:3]:
@@ -80,7 +82,7 @@ async def test_async_spans_for_a_failing_callback_and_a_bad_commit(
         await tx.insert_into(table).values(id=1).execute()
         raise RuntimeError("worker failed")
 
-    db = await twophase.connect_async(url, observers=[Tracing(provider)])
+    db = await twophase.connect_async(url, observers=[Tracing(provider, background=False)])
     try:
         with pytest.raises(RuntimeError):
             await db.begin_distributed(txname, fails)
@@ -100,7 +102,8 @@ async def test_async_spans_for_a_failing_callback_and_a_bad_commit(
 def test_coordinator_spans_share_one_trace_and_correlation_id(spans: Any) -> None:
     provider, exporter = spans
     tracer = provider.get_tracer("app")
-    obs = [Tracing(provider)]
+    tracing = Tracing(provider)
+    obs = [tracing]
     dbs = {
         "orders": twophase.connect(PG_URL, observers=obs),
         "billing": twophase.connect(MY_URL, observers=obs),
@@ -113,6 +116,7 @@ def test_coordinator_spans_share_one_trace_and_correlation_id(spans: Any) -> Non
     finally:
         for d in dbs.values():
             d.close()
+    assert tracing.flush()
     finished = [s for s in exporter.get_finished_spans() if s.name.startswith("twophase.")]
     names = sorted(s.name for s in finished)
     # The log participant's branch is the decision branch: no begin/prepare of its own.
@@ -124,6 +128,63 @@ def test_coordinator_spans_share_one_trace_and_correlation_id(spans: Any) -> Non
     ]
     assert {s.context.trace_id for s in finished} == {parent.get_span_context().trace_id}
     assert len({s.attributes["twophase.correlation_id"] for s in finished if s.attributes}) == 1
+
+
+def test_background_spans_are_exported_at_exit_without_a_flush() -> None:
+    # The application makes its provider after importing twophase, as usual: the spans
+    # queued at exit must still reach the exporter before the provider shuts down.
+    code = (
+        "import time\n"
+        "from twophase.observe import Event, Outcome, Step, Tracing\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter\n"
+        "from opentelemetry.sdk.trace.export import SpanExportResult\n"
+        "class Print(SpanExporter):\n"
+        "    def export(self, spans):\n"
+        "        for s in spans: print(s.name, flush=True)\n"
+        "        return SpanExportResult.SUCCESS\n"
+        "provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(Print()))\n"
+        "t = Tracing(provider)\n"
+        "for i in range(500):\n"
+        "    t(Event(Step.COMMIT, f'n{i}', Outcome.COMMITTED, time.time(), 0.001, 'c'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["twophase.commit"] * 500, out.stderr
+
+
+def test_tracing_queue_is_bounded_and_drops_the_oldest() -> None:
+    import threading
+
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    release = threading.Event()
+    names: list[str] = []
+
+    class Stuck(SpanProcessor):
+        """Holds the tracing thread on its first span, as a slow exporter would."""
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            release.wait(30)
+
+        def on_end(self, span: Any) -> None:
+            names.append(span.name + ":" + span.attributes["twophase.name"])
+
+    provider = TracerProvider()
+    provider.add_span_processor(Stuck())
+    tracing = Tracing(provider, max_queue=10)
+    for i in range(5000):
+        tracing(Event(Step.COMMIT, f"n{i}", Outcome.COMMITTED, time.time(), 0.0, "c"))
+    release.set()
+    assert tracing.flush()
+    assert len(names) + tracing.dropped == 5000
+    # The thread holds at most one batch; everything else was cut down to the newest 10.
+    assert len(names) <= 10 + 1024
+    assert names[-10:] == [f"twophase.commit:n{i}" for i in range(4990, 5000)]
+    with pytest.raises(ValueError, match="max_queue"):
+        Tracing(max_queue=0)
 
 
 def test_tracing_is_a_noop_without_opentelemetry() -> None:

@@ -1,8 +1,9 @@
 """The audit trail: every event, written to the ``twophase_audit_log`` table.
 
 :class:`AuditLog` is an observer. By default it queues events and a background thread
-writes them in batches (one multi-row INSERT per batch, at most ``flush_interval`` seconds
-after the step), so the transaction it describes pays no round trip for it. The outcome
+writes them in batches (a COPY on PostgreSQL, a multi-row INSERT on MariaDB; at most one
+batch per ``flush_interval`` seconds unless ``max_batch`` events are waiting), so the
+transaction it describes pays no round trip for it. The outcome
 itself never depends on the audit: the outcome and decision rows are the durable truth, and
 a failed audit write is retried, then logged, never raised into the transaction.
 
@@ -187,9 +188,10 @@ class AuditLog:
         #: Events dropped because the queue overflowed while the database was unreachable.
         self.dropped = 0
         self._queue: collections.deque[Event] = collections.deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._enqueued = 0
         self._settled = 0  # events written or dropped
+        self._flushing = 0  # callers of flush() waiting: the writer does not wait for more
         self._thread: threading.Thread | None = None
         self._db: Database | None = None
         self._sql: AuditSQL | None = None
@@ -222,7 +224,7 @@ class AuditLog:
                     target=self._run, name="twophase-audit", daemon=True
                 )
                 self._thread.start()
-            elif len(self._queue) >= self.max_batch:
+            elif len(self._queue) == 1 or len(self._queue) >= self.max_batch:
                 self._cond.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -230,12 +232,16 @@ class AuditLog:
         end = time.monotonic() + timeout
         with self._cond:
             target = self._enqueued
+            self._flushing += 1
             self._cond.notify_all()
-            while self._settled < target:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
+            try:
+                while self._settled < target:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._flushing -= 1
         return True
 
     def close(self, timeout: float = 10.0) -> None:
@@ -271,17 +277,26 @@ class AuditLog:
 
     def _run(self) -> None:
         delay = self.flush_interval
+        last_write = -float("inf")
         while True:
             with self._cond:
-                if not self._queue and not self._closed:
-                    self._cond.wait(self.flush_interval)
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                # Gather a batch: one write per flush_interval at most, unless a batch is
+                # full or someone flushes. Writing whatever is queued as soon as the last
+                # write returns would cost a round trip for every event or two under load.
+                until = last_write + self.flush_interval
+                while not (self._closed or self._flushing or len(self._queue) >= self.max_batch):
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._closed and not self._queue:
                     return
                 batch = [
                     self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))
                 ]
-            if not batch:
-                continue
+            last_write = time.monotonic()
             try:
                 self._write(batch)
             except Exception as exc:
