@@ -98,29 +98,49 @@ def driver_activity() -> Iterator[list[str]]:
     seen: list[str] = []
     patches = []
     for cls in CONN_CLASSES:
-        orig = cls.run
-        if asyncio.iscoroutinefunction(orig):
+        # run() for statements with parameters or rows, command() for twophase's own
+        # (BEGIN and the claim, PREPARE, COMMIT PREPARED), copy_in() for bulk loads.
+        for method in ("run", "command", "copy_in"):
+            orig = cls.__dict__.get(method)
+            if orig is None:
+                continue
+            if asyncio.iscoroutinefunction(orig):
 
-            async def arun(self: Any, sql: str, params: Any = None, _orig: Any = orig) -> Any:
-                seen.append(f"run: {sql}")
-                return await _orig(self, sql, params)
+                async def amethod(
+                    self: Any, sql: str, *args: Any, _orig: Any = orig, _m: str = method
+                ) -> Any:
+                    seen.append(f"{_m}: {sql}")
+                    return await _orig(self, sql, *args)
 
-            patches.append(mock.patch.object(cls, "run", arun))
-        else:
+                patches.append(mock.patch.object(cls, method, amethod))
+            else:
 
-            def run(self: Any, sql: str, params: Any = None, _orig: Any = orig) -> Any:
-                seen.append(f"run: {sql}")
-                return _orig(self, sql, params)
+                def smethod(
+                    self: Any, sql: str, *args: Any, _orig: Any = orig, _m: str = method
+                ) -> Any:
+                    seen.append(f"{_m}: {sql}")
+                    return _orig(self, sql, *args)
 
-            patches.append(mock.patch.object(cls, "run", run))
+                patches.append(mock.patch.object(cls, method, smethod))
     for pool_cls in POOL_CLASSES:
         # Every statement needs a lent connection; counting loans also catches a pool that
-        # would open (and so talk to the server over) a new connection.
-        def connection(self: Any, _orig: Any = pool_cls.connection, _n: str = pool_cls.__name__):
-            seen.append(f"checkout: {_n}")
-            return _orig(self)
+        # would open (and so talk to the server over) a new connection. connection() lends
+        # through lend(), so patching lend() sees both.
+        orig_lend = pool_cls.lend
+        if asyncio.iscoroutinefunction(orig_lend):
 
-        patches.append(mock.patch.object(pool_cls, "connection", connection))
+            async def alend(self: Any, _orig: Any = orig_lend, _n: str = pool_cls.__name__) -> Any:
+                seen.append(f"checkout: {_n}")
+                return await _orig(self)
+
+            patches.append(mock.patch.object(pool_cls, "lend", alend))
+        else:
+
+            def slend(self: Any, _orig: Any = orig_lend, _n: str = pool_cls.__name__) -> Any:
+                seen.append(f"checkout: {_n}")
+                return _orig(self)
+
+            patches.append(mock.patch.object(pool_cls, "lend", slend))
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
@@ -314,6 +334,12 @@ def test_invalid_names_are_refused_before_any_sql(url: str, server_log: ServerLo
             assert loop.run_until_complete(adb.status("valid-control")) is Status.UNKNOWN
             assert any(s.startswith("run:") for s in seen)
             assert any(s.startswith("checkout:") for s in seen)
+            # ... and a distributed one, whose claim and PREPARE go by command() on
+            # PostgreSQL (by run() on MariaDB).
+            control = f"valid-control-{uuid.uuid4().hex[:8]}"
+            db.begin_distributed(control, lambda tx: None)
+            db.rollback_distributed(control)
+            assert any(control in s for s in seen), seen
         logged = rawdb.poll(server_log.statements, timeout=5, what="the control in the log")
         assert any("valid-control" in s for s in logged), logged
     finally:
