@@ -447,6 +447,52 @@ def test_reap_usage() -> None:
         assert "Usage:" in proc.stderr
 
 
+# -- prune-history -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("db_url", [PG_URL, MY_URL], ids=["postgresql", "mysql"])
+def test_prune_history(db_url: str) -> None:
+    import time
+
+    from procs.outbox_env import isolated_database
+
+    from twophase.observe import AuditLog, Event, Outcome, Step
+
+    dialect = "postgresql" if db_url == PG_URL else "mysql"
+    with isolated_database(dialect) as scratch:
+        audit = AuditLog(scratch, synchronous=True)
+        for i, days in enumerate([100, 91, 1]):
+            started = time.time() - days * 86400
+            audit(Event(Step.COMMIT, f"n{i}", Outcome.COMMITTED, started, 0.0, "c"))
+        audit.close()
+        env = {"TWOPHASE_URL": scratch}
+        proc = run_cli("prune-history", "--older-than", "90d", "--dry-run", "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == {
+            "dry_run": True,
+            "older_than_seconds": 90 * 86400.0,
+            "would_delete": 2,
+        }
+        proc = run_cli("prune-history", "--older-than", "90d", "--batch", "1", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "deleted 2 audit events older than 90d" in proc.stdout
+        proc = run_cli("prune-history", "--older-than", "90d", "--json", env=env)
+        assert json.loads(proc.stdout)["deleted"] == 0
+        # The CLI audits by default: its own prunes are in the trail, and n2 is left.
+        with twophase.connect(scratch) as db:
+            assert [e["name"] for e in db.history("n2")] == ["n2"]
+            rows = db.execute(
+                "SELECT outcome, detail FROM twophase_audit_log WHERE step = 'prune' ORDER BY id"
+            )
+            prunes = [(r["outcome"], r["detail"]) for r in rows]
+        assert [o for o, _ in prunes] == ["ok", "ok"]
+        assert prunes[0][1].startswith("2 audit events older than")
+    for bad in (["--older-than", "soon"], ["--older-than", "0s"], []):
+        proc = run_cli("prune-history", *bad, "--url", db_url)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert "Usage:" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # -- global transactions: status, reap, recover, history -----------------------------------
 
 # A coordinator that dies once its commit decision is durable: its branches stay prepared.

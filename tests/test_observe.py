@@ -535,3 +535,66 @@ def test_reap_rolls_back_only_old_plain_transactions(url: str) -> None:
         ("*", Outcome.DENIED),
         (f"{ns}:young", Outcome.ROLLED_BACK),
     ]
+
+
+# == pruning the audit trail =====================================================================
+
+
+def test_prune_history_deletes_only_old_events_in_batches(dialect_name: str) -> None:
+    from procs.outbox_env import isolated_database
+
+    with isolated_database(dialect_name) as scratch:
+        audit = AuditLog(scratch, synchronous=True)
+        now = time.time()
+        for i, days in enumerate([40, 35, 31, 2, 0]):
+            started = now - days * 86400
+            audit(Event(Step.COMMIT, f"n{i}", Outcome.COMMITTED, started, 0.001, f"cid{i}"))
+        seen: list[Event] = []
+        policy = Policy([Rule(principals=["dba"], actions=["prune"], names=["*"])])
+        try:
+            with twophase.connect(scratch, observers=[seen.append], policy=policy) as db:
+                with twophase.context(principal="dba"):
+                    month = timedelta(days=30)
+                    assert db.prune_history(month, dry_run=True) == 3
+                    assert len(db.history("n0")) == 1  # a dry run deletes nothing
+                    assert db.prune_history(month, batch=2) == 3  # two statements: 2 + 1
+                    assert db.prune_history(month) == 0
+                    left = [
+                        e["name"] for n in ("n0", "n1", "n2", "n3", "n4") for e in db.history(n)
+                    ]
+                    assert left == ["n3", "n4"]
+                with pytest.raises(PermissionDenied), twophase.context(principal="intern"):
+                    db.prune_history(timedelta(days=1))
+                for bad in ({"older_than": timedelta(0)}, {"older_than": 30}):
+                    with pytest.raises(ValueError, match="older_than"):
+                        db.prune_history(**bad)  # type: ignore[arg-type]
+                with pytest.raises(ValueError, match="batch"):
+                    db.prune_history(timedelta(days=1), batch=0)
+                assert len(db.history("n3")) == 1  # refused calls deleted nothing
+        finally:
+            audit.close()
+    prunes = [(e.name, e.outcome, e.principal) for e in seen if e.step is Step.PRUNE]
+    assert prunes == [
+        ("*", Outcome.OK, "dba"),
+        ("*", Outcome.OK, "dba"),
+        ("*", Outcome.DENIED, "intern"),
+    ]
+    details = [e.detail or "" for e in seen if e.step is Step.PRUNE]
+    assert details[0].startswith("3 audit events older than") and details[1].startswith("0 ")
+
+
+async def test_prune_history_async(dialect_name: str) -> None:
+    from procs.outbox_env import isolated_database
+
+    with isolated_database(dialect_name) as scratch:
+        audit = AuditLog(scratch, synchronous=True)
+        old = time.time() - 2 * 86400
+        audit(Event(Step.COMMIT, "old", Outcome.COMMITTED, old, 0.001, "c"))
+        audit.close()
+        db = await twophase.connect_async(scratch)
+        try:
+            assert await db.prune_history(timedelta(days=1), dry_run=True) == 1
+            assert await db.prune_history(timedelta(days=1)) == 1
+            assert await db.history("old") == []
+        finally:
+            await db.close()

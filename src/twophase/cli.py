@@ -552,6 +552,48 @@ def _show_reap(db: Database, report: ReapReport) -> None:
         console.print("Skipped branches: run `twophase recover`; it resolves them by deadline.")
 
 
+@cli.command("prune-history")
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="DURATION",
+    required=True,
+    callback=_duration_option,
+    help="Delete audit events recorded longer ago than this (90d, 2160h...).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; change nothing.")
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Rows deleted per statement.",
+)
+@json_option
+@connection_options
+@click.pass_context
+def prune_history_command(
+    ctx: click.Context, older_than: timedelta, dry_run: bool, batch: int, as_json: bool
+) -> None:
+    """Delete audit events older than --older-than from the database's audit log.
+
+    Outcome and decision records are not touched: they are what makes commits and
+    rollbacks safe to retry. The pruning is itself audited. Needs the policy's `prune`.
+    """
+    if older_than <= timedelta(0):
+        raise click.BadParameter("must be above zero", ctx=ctx, param_hint="'--older-than'")
+    db = open_db(ctx)
+    count = db.prune_history(older_than, dry_run=dry_run, batch=batch)
+    if as_json:
+        emit_json({"dry_run": dry_run, "older_than_seconds": older_than.total_seconds(),
+                   ("would_delete" if dry_run else "deleted"): count})  # fmt: skip
+        return
+    verb = "would delete" if dry_run else "deleted"
+    make_console().print(
+        f"{verb} {count} audit events older than {format_sla(older_than)} in {_where(db)}"
+    )
+
+
 # -- demo ----------------------------------------------------------------------------------
 
 

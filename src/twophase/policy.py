@@ -32,7 +32,7 @@ from typing import Any
 from .errors import PermissionDenied
 
 #: Every action a policy can grant.
-ACTIONS = frozenset({"begin", "commit", "rollback", "recover", "reap"})
+ACTIONS = frozenset({"begin", "commit", "rollback", "recover", "reap", "prune"})
 _EFFECTS = ("allow", "deny")
 _RULE_KEYS = {"principals", "actions", "names", "effect"}
 

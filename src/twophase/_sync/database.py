@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 from .. import _compat, _context
@@ -474,6 +474,59 @@ class Database(QueryMethods[Rows, Row | None]):
         self._ensure_tables("audit", sql.schema())
         rows = self._autocommit(*sql.select(name=txname.full))
         return normalize_rows(rows)
+
+    def prune_history(
+        self, older_than: timedelta, *, dry_run: bool = False, batch: int = 10_000
+    ) -> int:
+        """Delete audit events older than ``older_than`` from this database's audit log;
+        how many were deleted (with ``dry_run``: how many would be).
+
+        Deletes in batches of ``batch`` rows, each its own statement, so a large backlog
+        never holds long locks. The policy must grant ``prune`` (checked against the name
+        ``*``); the pruning itself is recorded as an event, so the trail says who cut it.
+        """
+        if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
+            raise ValueError(
+                f"older_than must be a positive datetime.timedelta, got {older_than!r}"
+            )
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        self._refuse_nesting("prune_history()")
+        cid = self._authorize("prune", None)
+        started = time.time()
+        before = datetime.now(UTC) - older_than
+        sql = AuditSQL(self.dialect)
+        self._ensure_tables("audit", sql.schema())
+        if dry_run:
+            rows = self._autocommit(*sql.count_before(before))
+            return int(rows[0]["n"])
+        total = 0
+        try:
+            while True:
+                deleted = (self._autocommit(*sql.prune(before, batch))).rowcount
+                total += deleted
+                if deleted < batch:
+                    break
+        except BaseException as exc:
+            self._events.emit(
+                Step.PRUNE,
+                "*",
+                Outcome.FAILED,
+                started,
+                correlation_id=cid,
+                detail=f"{total} audit events deleted before: {type(exc).__name__}: {exc}",
+                error=exc,
+            )
+            raise
+        self._events.emit(
+            Step.PRUNE,
+            "*",
+            Outcome.OK,
+            started,
+            correlation_id=cid,
+            detail=f"{total} audit events older than {before.isoformat()} deleted",
+        )
+        return total
 
     # -- plain statements -------------------------------------------------------------
 

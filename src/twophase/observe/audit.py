@@ -127,6 +127,31 @@ class AuditSQL:
             )
         return out
 
+    def cutoff(self, before: datetime) -> datetime:
+        """``before`` as the ``at`` column stores it (naive UTC on MariaDB)."""
+        before = before.astimezone(UTC)
+        return before if self.dialect.name == "postgresql" else before.replace(tzinfo=None)
+
+    def count_before(self, before: datetime) -> tuple[str, tuple[Any, ...]]:
+        """How many events are older than ``before``."""
+        return f"SELECT count(*) AS n FROM {self.table} WHERE at < %s", (self.cutoff(before),)
+
+    def prune(self, before: datetime, batch: int) -> tuple[str, tuple[Any, ...]]:
+        """Delete up to ``batch`` of the oldest events older than ``before``.
+
+        In id order, which follows time closely: each batch reads the start of the primary
+        key, where the old rows are, rather than the whole table (there is no index on
+        ``at``, so every write of the audit stays cheap).
+        """
+        t, cut = self.table, self.cutoff(before)
+        if self.dialect.name == "postgresql":
+            return (
+                f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE at < %s "
+                f"ORDER BY id LIMIT {int(batch)})",
+                (cut,),
+            )
+        return f"DELETE FROM {t} WHERE at < %s ORDER BY id LIMIT {int(batch)}", (cut,)
+
     def select(
         self, *, name: str | None = None, correlation_id: str | None = None, limit: int = 1000
     ) -> tuple[str, tuple[Any, ...]]:

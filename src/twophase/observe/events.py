@@ -42,6 +42,7 @@ class Step(enum.StrEnum):
     COMPENSATE = "compensate"
     EXPIRE = "expire"
     REAP = "reap"
+    PRUNE = "prune"
 
 
 class Outcome(enum.StrEnum):
