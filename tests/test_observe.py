@@ -598,3 +598,55 @@ async def test_prune_history_async(dialect_name: str) -> None:
             assert await db.history("old") == []
         finally:
             await db.close()
+
+
+# == fork ========================================================================================
+
+_FORKING = """
+import os, sys, time
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from twophase.observe import AuditLog, Event, Outcome, Step, Tracing
+
+url, tag = sys.argv[1], sys.argv[2]
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+tracing, audit = Tracing(provider), AuditLog(url)
+
+def step(name):
+    event = Event(Step.COMMIT, f"{tag}-{name}", Outcome.COMMITTED, time.time(), 0.0, tag)
+    tracing(event)
+    audit(event)
+
+step("parent-1")  # both background threads now run in the parent
+assert tracing.flush() and audit.flush()
+pid = os.fork()
+if pid == 0:
+    step("child")
+    ok = tracing.flush(5) and audit.flush(5)
+    spans = [s.attributes["twophase.name"] for s in exporter.get_finished_spans()]
+    print("child", ok, spans.count(f"{tag}-child"), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+step("parent-2")  # the parent's threads and its audit connection still work
+assert tracing.flush() and audit.flush()
+print("parent", len(audit.history(correlation_id=tag)), flush=True)
+audit.close()
+"""
+
+
+def test_a_forked_child_traces_and_audits_on_its_own(url: str) -> None:
+    tag = "fork" + uuid_hex()
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKING, url, tag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert "child True 1" in lines, out
+    # parent-1, the child's own event (written on the child's own connection), parent-2
+    assert "parent 3" in lines, out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import os
 import threading
 import time
 import weakref
@@ -213,16 +214,23 @@ class AuditLog:
         #: Events dropped because the queue overflowed while the database was unreachable.
         self.dropped = 0
         self._queue: collections.deque[Event] = collections.deque()
+        self._sql: AuditSQL | None = None
+        self._closed = False
+        self._reset()
+        _OPEN.add(self)
+
+    def _reset(self) -> None:
+        """Fresh writer state: at construction, and in a child process after fork(). The
+        writer thread did not come along, a lock may have been held when it forked, and the
+        parent's connection must not be shared; the parent's queued events stay its own."""
+        self._queue.clear()
         self._cond = threading.Condition(threading.Lock())
         self._enqueued = 0
         self._settled = 0  # events written or dropped
         self._flushing = 0  # callers of flush() waiting: the writer does not wait for more
         self._thread: threading.Thread | None = None
-        self._db: Database | None = None
-        self._sql: AuditSQL | None = None
-        self._closed = False
+        self._db: Database | None = None  # the child opens its own on its first write
         self._write_lock = threading.Lock()
-        _OPEN.add(self)
 
     def __repr__(self) -> str:
         return f"<AuditLog {self.url.split('@')[-1]} queued={len(self._queue)}>"
@@ -375,6 +383,21 @@ def _cut(text: str | None, limit: int) -> str | None:
 
 
 _OPEN: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+
+
+# The connections of audit logs a child inherited: kept referenced so that they are never
+# finalized in the child, which would end the parent's session on the shared socket.
+_INHERITED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for audit in list(_OPEN):
+        if audit._db is not None:
+            _INHERITED.append(audit._db)
+        audit._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

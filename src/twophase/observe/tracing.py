@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import os
 import threading
 import time
 import weakref
@@ -61,11 +62,8 @@ class Tracing:
         #: Events dropped because the queue was full.
         self.dropped = 0
         self._queue: collections.deque[tuple[Event, Any]] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._enqueued = 0
-        self._done = 0
-        self._flushing = 0
-        self._thread: threading.Thread | None = None
+        self._reset()
+        _EVERY.add(self)
         try:
             from opentelemetry import context, trace
         except ImportError:
@@ -76,6 +74,17 @@ class Tracing:
         self._trace = trace
         self._current = context.get_current
         self._tracer = trace.get_tracer("twophase", __version__, tracer_provider=tracer_provider)
+
+    def _reset(self) -> None:
+        """Fresh thread state: at construction, and in a child process after fork() (the
+        thread did not come along, and the lock may have been held when it forked). The
+        parent's queued events stay the parent's to trace."""
+        self._queue.clear()
+        self._cond = threading.Condition(threading.Lock())
+        self._enqueued = 0
+        self._done = 0
+        self._flushing = 0
+        self._thread: threading.Thread | None = None
 
     @property
     def enabled(self) -> bool:
@@ -180,6 +189,15 @@ class Tracing:
 
 
 _OPEN: weakref.WeakSet[Tracing] = weakref.WeakSet()
+_EVERY: weakref.WeakSet[Tracing] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tracing in list(_EVERY):
+        tracing._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _REGISTERED = False
 
 
