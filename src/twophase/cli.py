@@ -585,8 +585,10 @@ def prune_history_command(
     db = open_db(ctx)
     count = db.prune_history(older_than, dry_run=dry_run, batch=batch)
     if as_json:
-        emit_json({"dry_run": dry_run, "older_than_seconds": older_than.total_seconds(),
-                   ("would_delete" if dry_run else "deleted"): count})  # fmt: skip
+        key = "would_delete" if dry_run else "deleted"
+        emit_json(
+            {"dry_run": dry_run, "older_than_seconds": older_than.total_seconds(), key: count}
+        )
         return
     verb = "would delete" if dry_run else "deleted"
     make_console().print(

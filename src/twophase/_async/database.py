@@ -480,8 +480,9 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         how many were deleted (with ``dry_run``: how many would be).
 
         Deletes in batches of ``batch`` rows, each its own statement, so a large backlog
-        never holds long locks. The policy must grant ``prune`` (checked against the name
-        ``*``); the pruning itself is recorded as an event, so the trail says who cut it.
+        never holds long locks. The audit log holds every namespace's events and so does
+        the pruning: the policy must grant ``prune`` on the name ``*``. The pruning itself
+        is recorded as an event, so the trail says who cut it.
         """
         if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
             raise ValueError(

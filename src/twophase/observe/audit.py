@@ -3,9 +3,9 @@
 :class:`AuditLog` is an observer. By default it queues events and a background thread
 writes them in batches (a COPY on PostgreSQL, a multi-row INSERT on MariaDB; at most one
 batch per ``flush_interval`` seconds unless ``max_batch`` events are waiting), so the
-transaction it describes pays no round trip for it. The outcome
-itself never depends on the audit: the outcome and decision rows are the durable truth, and
-a failed audit write is retried, then logged, never raised into the transaction.
+transaction it describes pays no round trip for it. The outcome itself never depends on
+the audit: the outcome and decision rows are the durable truth, and a failed audit write
+is retried, then logged, never raised into the transaction.
 
 What a hard crash can lose: events queued in the last ``flush_interval`` (0.2 s by
 default). ``synchronous=True`` writes each event before the step returns, at the cost of a
