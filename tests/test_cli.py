@@ -481,12 +481,18 @@ def test_prune_history(db_url: str) -> None:
         # The CLI audits by default: its own prunes are in the trail, and n2 is left.
         with twophase.connect(scratch) as db:
             assert [e["name"] for e in db.history("n2")] == ["n2"]
-            rows = db.execute(
-                "SELECT outcome, detail FROM twophase_audit_log WHERE step = 'prune' ORDER BY id"
-            )
-            prunes = [(r["outcome"], r["detail"]) for r in rows]
-        assert [o for o, _ in prunes] == ["ok", "ok"]
-        assert prunes[0][1].startswith("2 audit events older than")
+            prunes = [(e["step"], e["outcome"], e["detail"]) for e in db.history("*")]
+        assert [(s, o) for s, o, _ in prunes] == [("prune", "ok"), ("prune", "ok")]
+        assert prunes[0][2].startswith("2 audit events older than")
+        proc = run_cli("history", "*", "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        shown = json.loads(proc.stdout)
+        assert shown["scope"] == "database-wide operator actions"
+        assert [e["step"] for e in shown["events"]] == ["prune", "prune"]
+        proc = run_cli("history", "*", env=env)
+        assert proc.returncode == 0 and "*: scope database-wide operator actions" in proc.stdout
+        proc = run_cli("history", "*", "--participant", f"a={scratch}", env=env)
+        assert proc.returncode == 2 and "'*' goes with --url only" in proc.stderr
     for bad in (["--older-than", "soon"], ["--older-than", "0s"], []):
         proc = run_cli("prune-history", *bad, "--url", db_url)
         assert proc.returncode == 2, (bad, proc.stderr)

@@ -822,13 +822,19 @@ def history_command(
 ) -> None:
     """The audit trail of NAME: every recorded step, oldest first.
 
-    With --url only: a transaction of that database (begin_distributed) and its status.
-    With --participant/--config: a global transaction, its decision, and the events of
-    its branches from every participant's audit log.
+    With --url only: a transaction of that database (begin_distributed) and its status;
+    NAME '*' lists the database-wide operator actions (reap, recover and prune denials,
+    prune-history). With --participant/--config: a global transaction, its decision, and
+    the events of its branches from every participant's audit log.
     """
+    if name == "*" and (config is not None or participants):
+        raise click.UsageError("'*' goes with --url only (a database's own audit log)")
     if config is None and not participants:
         db = open_db(ctx)
-        verdict = ("status", db.status(name).value)
+        if name == "*":
+            verdict = ("scope", "database-wide operator actions")
+        else:
+            verdict = ("status", db.status(name).value)
         events = db.history(name)
     else:
         coord = _load_coordinator(ctx, config, participants, log_key)

@@ -463,14 +463,15 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
 
         Events this process queued are flushed first, so a caller sees its own steps.
         ``raw=True`` takes ``name`` as stored (namespace included) instead of adding this
-        database's namespace.
+        database's namespace. ``"*"`` gives the events of calls that act on no one name
+        (``reap``, ``recover`` and ``prune`` denials, ``prune_history``), all namespaces'.
         """
-        txname = TxName.make(name) if raw else self._name(name)
+        full = "*" if name == "*" else (TxName.make(name) if raw else self._name(name)).full
         for audit in self._audit_logs():
             await _acompat.to_thread(audit.flush)
         sql = AuditSQL(self.dialect)
         await self._ensure_tables("audit", sql.schema())
-        rows = await self._autocommit(*sql.select(name=txname.full))
+        rows = await self._autocommit(*sql.select(name=full))
         return normalize_rows(rows)
 
     async def prune_history(

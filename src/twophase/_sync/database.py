@@ -465,14 +465,15 @@ class Database(QueryMethods[Rows, Row | None]):
 
         Events this process queued are flushed first, so a caller sees its own steps.
         ``raw=True`` takes ``name`` as stored (namespace included) instead of adding this
-        database's namespace.
+        database's namespace. ``"*"`` gives the events of calls that act on no one name
+        (``reap``, ``recover`` and ``prune`` denials, ``prune_history``), all namespaces'.
         """
-        txname = TxName.make(name) if raw else self._name(name)
+        full = "*" if name == "*" else (TxName.make(name) if raw else self._name(name)).full
         for audit in self._audit_logs():
             _compat.to_thread(audit.flush)
         sql = AuditSQL(self.dialect)
         self._ensure_tables("audit", sql.schema())
-        rows = self._autocommit(*sql.select(name=txname.full))
+        rows = self._autocommit(*sql.select(name=full))
         return normalize_rows(rows)
 
     def prune_history(
