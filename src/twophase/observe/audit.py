@@ -16,7 +16,6 @@ round trip and a commit per step. ``flush()`` waits for everything queued so far
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
 import os
 import threading
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..dialects import Dialect
+from ._backlog import Backlog
 from .events import Event
 
 if TYPE_CHECKING:
@@ -211,32 +211,28 @@ class AuditLog:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.synchronous = synchronous
-        #: Events dropped because the queue overflowed while the database was unreachable.
-        self.dropped = 0
-        self._queue: collections.deque[Event] = collections.deque()
         self._sql: AuditSQL | None = None
-        self._closed = False
-        self._reset()
+        self._db: Database | None = None
+        self._write_lock = threading.Lock()
+        self._backlog: Backlog[Event] = Backlog(
+            "twophase-audit",
+            self._run,
+            gather=flush_interval,
+            max_batch=max_batch,
+            max_queue=max_queue,
+        )
         _OPEN.add(self)
 
-    def _reset(self) -> None:
-        """Fresh writer state: at construction, and in a child process after fork(). The
-        writer thread did not come along, a lock may have been held when it forked, and the
-        parent's connection must not be shared; the parent's queued events stay its own."""
-        self._queue.clear()
-        self._cond = threading.Condition(threading.Lock())
-        self._enqueued = 0
-        self._settled = 0  # events written or dropped
-        self._flushing = 0  # callers of flush() waiting: the writer does not wait for more
-        self._thread: threading.Thread | None = None
-        self._db: Database | None = None  # the child opens its own on its first write
-        self._write_lock = threading.Lock()
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the queue overflowed while the database was unreachable."""
+        return self._backlog.dropped
 
     def __repr__(self) -> str:
-        return f"<AuditLog {self.url.split('@')[-1]} queued={len(self._queue)}>"
+        return f"<AuditLog {self.url.split('@')[-1]} queued={len(self._backlog)}>"
 
     def __call__(self, event: Event) -> None:
-        if self._closed:
+        if self._backlog.closed:
             return
         if self.synchronous:
             try:
@@ -244,50 +240,19 @@ class AuditLog:
             except Exception:
                 log.warning("could not write an audit event of %s", event.name, exc_info=True)
             return
-        with self._cond:
-            self._queue.append(event)
-            self._enqueued += 1
-            overflow = len(self._queue) - self.max_queue
-            for _ in range(max(overflow, 0)):
-                self._queue.popleft()
-                self.dropped += 1
-                self._settled += 1
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="twophase-audit", daemon=True
-                )
-                self._thread.start()
-            elif len(self._queue) == 1 or len(self._queue) >= self.max_batch:
-                self._cond.notify_all()
+        self._backlog.put(event)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event queued so far is written; False on timeout."""
-        end = time.monotonic() + timeout
-        with self._cond:
-            target = self._enqueued
-            self._flushing += 1
-            self._cond.notify_all()
-            try:
-                while self._settled < target:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        return False
-                    self._cond.wait(min(left, 0.05))
-            finally:
-                self._flushing -= 1
-        return True
+        return self._backlog.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush, then stop the writer and close its connection."""
-        if self._closed:
+        if self._backlog.closed:
             return
         if not self.flush(timeout):
-            log.warning("closing the audit log with %d events unwritten", len(self._queue))
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            log.warning("closing the audit log with %d events unwritten", len(self._backlog))
+        self._backlog.close(timeout)
         with self._write_lock:
             if self._db is not None:
                 self._db.close()
@@ -309,27 +274,9 @@ class AuditLog:
     # -- the writer ------------------------------------------------------------------
 
     def _run(self) -> None:
+        backlog = self._backlog
         delay = self.flush_interval
-        last_write = -float("inf")
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                # Gather a batch: one write per flush_interval at most, unless a batch is
-                # full or someone flushes. Writing whatever is queued as soon as the last
-                # write returns would cost a round trip for every event or two under load.
-                until = last_write + self.flush_interval
-                while not (self._closed or self._flushing or len(self._queue) >= self.max_batch):
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                if self._closed and not self._queue:
-                    return
-                batch = [
-                    self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))
-                ]
-            last_write = time.monotonic()
+        while (batch := backlog.take()) is not None:
             try:
                 self._write(batch)
             except Exception as exc:
@@ -338,24 +285,15 @@ class AuditLog:
                     log.warning("could not write %d audit events (%s); retrying", len(batch), exc)
                 else:
                     log.debug("audit write failed again", exc_info=True)
-                with self._cond:
-                    self._queue.extendleft(reversed(batch))
-                    if self._closed:
-                        # close() gave up waiting: count them as lost, loudly.
-                        self.dropped += len(self._queue)
-                        self._settled += len(self._queue)
-                        self._queue.clear()
-                        self._cond.notify_all()
-                        return
+                if not backlog.put_back(batch):
+                    return  # close() gave up waiting: they are counted as lost, loudly
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             if delay != self.flush_interval:
                 log.warning("audit log writable again")
             delay = self.flush_interval
-            with self._cond:
-                self._settled += len(batch)
-                self._cond.notify_all()
+            backlog.done(len(batch))
 
     def _write(self, events: list[Event]) -> None:
         with self._write_lock:
@@ -391,10 +329,12 @@ _INHERITED: list[object] = []
 
 
 def _after_fork_in_child() -> None:
+    # The backlog starts afresh by itself; the connection and its lock are the parent's.
     for audit in list(_OPEN):
         if audit._db is not None:
             _INHERITED.append(audit._db)
-        audit._reset()
+        audit._db = None  # the child opens its own on its first write
+        audit._write_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -18,14 +18,12 @@ for the spans of every step so far (tests reading an in-memory exporter call it,
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
-import os
-import threading
 import time
 import weakref
 from typing import Any
 
+from ._backlog import Backlog
 from .events import Event, Outcome, Step
 
 log = logging.getLogger("twophase.tracing")
@@ -59,11 +57,14 @@ class Tracing:
             raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
         self.background = background
         self.max_queue = max_queue
-        #: Events dropped because the queue was full.
-        self.dropped = 0
-        self._queue: collections.deque[tuple[Event, Any]] = collections.deque()
-        self._reset()
-        _EVERY.add(self)
+        self._backlog: Backlog[tuple[Event, Any]] = Backlog(
+            "twophase-tracing",
+            self._run,
+            gather=_GATHER,
+            max_batch=_BATCH,
+            max_queue=max_queue,
+            on_start=lambda: _at_exit(self),
+        )
         try:
             from opentelemetry import context, trace
         except ImportError:
@@ -75,79 +76,31 @@ class Tracing:
         self._current = context.get_current
         self._tracer = trace.get_tracer("twophase", __version__, tracer_provider=tracer_provider)
 
-    def _reset(self) -> None:
-        """Fresh thread state: at construction, and in a child process after fork() (the
-        thread did not come along, and the lock may have been held when it forked). The
-        parent's queued events stay the parent's to trace."""
-        self._queue.clear()
-        self._cond = threading.Condition(threading.Lock())
-        self._enqueued = 0
-        self._done = 0
-        self._flushing = 0
-        self._thread: threading.Thread | None = None
-
     @property
     def enabled(self) -> bool:
         """False when opentelemetry-api is not installed."""
         return self._tracer is not None
 
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the queue was full."""
+        return self._backlog.dropped
+
     def __call__(self, event: Event) -> None:
         if self._tracer is None:
             return
-        if not self.background:
+        if self.background:
+            self._backlog.put((event, self._current()))
+        else:
             self._span(event, self._current())
-            return
-        with self._cond:
-            queue = self._queue
-            queue.append((event, self._current()))
-            self._enqueued += 1
-            if len(queue) > self.max_queue:
-                queue.popleft()
-                self.dropped += 1
-                self._done += 1
-            if self._thread is None:
-                _at_exit(self)
-                self._thread = threading.Thread(
-                    target=self._run, name="twophase-tracing", daemon=True
-                )
-                self._thread.start()
-            elif len(queue) == 1:
-                self._cond.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the spans of every step so far are made; False on timeout."""
-        end = time.monotonic() + timeout
-        with self._cond:
-            target = self._enqueued
-            self._flushing += 1
-            self._cond.notify_all()
-            try:
-                while self._done < target:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        return False
-                    self._cond.wait(min(left, 0.05))
-            finally:
-                self._flushing -= 1
-        return True
+        return self._backlog.flush(timeout)
 
     def _run(self) -> None:
-        last = -float("inf")
-        while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                # Spans made one by one as steps end cost the thread switches too; gather
-                # the steps of a short while (unless someone flushes).
-                until = last + _GATHER
-                while not self._flushing and len(self._queue) < _BATCH:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                queue = self._queue
-                batch = [queue.popleft() for _ in range(min(len(queue), _BATCH))]
-            last = time.monotonic()
+        backlog = self._backlog
+        while (batch := backlog.take()) is not None:
             for i in range(0, len(batch), _CHUNK):
                 chunk = batch[i : i + _CHUNK]
                 for event, ctx in chunk:
@@ -155,10 +108,7 @@ class Tracing:
                         self._span(event, ctx)
                     except Exception:
                         log.warning("could not make the span of %s", event.step, exc_info=True)
-                with self._cond:
-                    self._done += len(chunk)
-                    if self._done >= self._enqueued:
-                        self._cond.notify_all()
+                backlog.done(len(chunk))
                 time.sleep(0)  # let a caller waiting for the GIL have it
 
     def _span(self, event: Event, ctx: Any) -> None:
@@ -189,15 +139,6 @@ class Tracing:
 
 
 _OPEN: weakref.WeakSet[Tracing] = weakref.WeakSet()
-_EVERY: weakref.WeakSet[Tracing] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for tracing in list(_EVERY):
-        tracing._reset()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 _REGISTERED = False
 
 

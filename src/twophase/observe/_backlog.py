@@ -1,0 +1,156 @@
+"""A bounded queue that one daemon thread drains in batches: what the audit writer and
+the span maker share.
+
+Callers :meth:`~Backlog.put` items (a lock, an append; the thread starts with the first
+one). The thread's loop calls :meth:`~Backlog.take` for each batch and :meth:`~Backlog.done`
+once it is handled. A batch is gathered for up to ``gather`` seconds after the previous one
+was taken, unless ``max_batch`` items wait, someone flushes or the backlog closes: handling
+items as soon as they come would cost a round trip or a thread switch for every one or two
+of them under load. Beyond ``max_queue`` waiting items the oldest are dropped and counted.
+
+After ``fork()`` a child starts afresh: the thread did not come along, the lock may have
+been held when it forked, and the parent's queued items stay the parent's to handle.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Backlog(Generic[T]):
+    """Items waiting for the thread ``name`` running ``loop`` (see the module docs)."""
+
+    def __init__(
+        self,
+        name: str,
+        loop: Callable[[], None],
+        *,
+        gather: float,
+        max_batch: int,
+        max_queue: int,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.gather = gather
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._loop = loop
+        self._on_start = on_start
+        #: Items dropped because the queue was full (or left when a close gave up).
+        self.dropped = 0
+        self.closed = False
+        self._items: collections.deque[T] = collections.deque()
+        self._reset()
+        _EVERY.add(self)
+
+    def _reset(self) -> None:
+        self._items.clear()
+        self._cond = threading.Condition(threading.Lock())
+        self._put = 0  # items put so far
+        self._settled = 0  # items handled or dropped
+        self._flushing = 0  # callers of flush() waiting: the thread does not gather
+        self._last_take = -float("inf")
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T) -> None:
+        """Queue ``item`` for the thread (started on first use)."""
+        with self._cond:
+            items = self._items
+            items.append(item)
+            self._put += 1
+            if len(items) > self.max_queue:
+                items.popleft()
+                self.dropped += 1
+                self._settled += 1
+            if self._thread is None:
+                if self._on_start is not None:
+                    self._on_start()
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+            elif len(items) == 1 or len(items) >= self.max_batch:
+                self._cond.notify_all()
+
+    def take(self) -> list[T] | None:
+        """In the thread: the next batch, once gathered; None once closed and empty."""
+        with self._cond:
+            items = self._items
+            while not items and not self.closed:
+                self._cond.wait()
+            until = self._last_take + self.gather
+            while not (self.closed or self._flushing or len(items) >= self.max_batch):
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self.closed and not items:
+                return None
+            self._last_take = time.monotonic()
+            return [items.popleft() for _ in range(min(len(items), self.max_batch))]
+
+    def done(self, count: int) -> None:
+        """In the thread: ``count`` items of the batch taken are handled."""
+        with self._cond:
+            self._settled += count
+            self._cond.notify_all()
+
+    def put_back(self, batch: list[T]) -> bool:
+        """In the thread: return a batch that could not be handled, to the front, for the
+        next :meth:`take`. False if the backlog closed meanwhile: then everything waiting
+        is counted as dropped (and the thread should end)."""
+        with self._cond:
+            self._items.extendleft(reversed(batch))
+            if not self.closed:
+                return True
+            lost = len(self._items)
+            self.dropped += lost
+            self._settled += lost
+            self._items.clear()
+            self._cond.notify_all()
+            return False
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every item put so far is handled (or dropped); False on timeout."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            target = self._put
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._settled < target:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._flushing -= 1
+        return True
+
+    def close(self, timeout: float) -> None:
+        """Let the thread end once nothing is waiting, and wait up to ``timeout`` for it."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+_EVERY: weakref.WeakSet[Backlog[Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backlog in list(_EVERY):
+        backlog._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
