@@ -298,6 +298,25 @@ def sla_option(f: F) -> F:
     )(f)
 
 
+def older_than_option(help: str, *, above_zero: bool = False) -> Callable[[F], F]:
+    """Add a required ``--older-than DURATION`` (``above_zero``: 0s is refused)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+        duration = _duration_option(ctx, param, value)
+        if above_zero and duration <= timedelta(0):
+            raise click.BadParameter("must be above zero", ctx=ctx, param=param)  # exit 2
+        return duration
+
+    return click.option(
+        "--older-than",
+        "older_than",
+        metavar="DURATION",
+        required=True,
+        callback=callback,
+        help=help,
+    )
+
+
 # -- the group -----------------------------------------------------------------------------
 
 
@@ -485,14 +504,7 @@ def _reap_json(report: ReapReport) -> dict[str, Any]:
 
 
 @cli.command("reap")
-@click.option(
-    "--older-than",
-    "older_than",
-    metavar="DURATION",
-    required=True,
-    callback=_duration_option,
-    help="Roll back transactions prepared longer ago than this (30s, 10m, 2h...).",
-)
+@older_than_option("Roll back transactions prepared longer ago than this (30s, 10m, 2h...).")
 @click.option("--dry-run", is_flag=True, help="Report what would be rolled back; change nothing.")
 @json_option
 @connection_options
@@ -553,13 +565,8 @@ def _show_reap(db: Database, report: ReapReport) -> None:
 
 
 @cli.command("prune-history")
-@click.option(
-    "--older-than",
-    "older_than",
-    metavar="DURATION",
-    required=True,
-    callback=_duration_option,
-    help="Delete audit events recorded longer ago than this (90d, 2160h...).",
+@older_than_option(
+    "Delete audit events recorded longer ago than this (90d, 2160h...).", above_zero=True
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; change nothing.")
 @click.option(
@@ -580,8 +587,6 @@ def prune_history_command(
     Outcome and decision records are not touched: they are what makes commits and
     rollbacks safe to retry. The pruning is itself audited. Needs the policy's `prune`.
     """
-    if older_than <= timedelta(0):
-        raise click.BadParameter("must be above zero", ctx=ctx, param_hint="'--older-than'")
     db = open_db(ctx)
     count = db.prune_history(older_than, dry_run=dry_run, batch=batch)
     if as_json:
