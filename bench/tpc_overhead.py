@@ -1267,6 +1267,33 @@ def run_all(plan: Plan, admin: Admin, log: Callable[[str], None]) -> list[RunRes
     return results
 
 
+class ServerTrouble:
+    """What a run does about a database error: it waits (up to CROWDED_WAIT) while the
+    server has no connection slot free, starts again after a server restart (up to
+    MAX_ATTEMPTS runs), and raises anything else: a real failure, which must be seen."""
+
+    def __init__(self, admin: Admin, log: Callable[[str], None]) -> None:
+        self.admin = admin
+        self.log = log
+        self.restarts = 0
+        self._crowded_until: float | None = None
+
+    def again(self, exc: Exception, started: object, what: str) -> None:
+        """Return to run again; raise ``exc`` if that would not help."""
+        if _too_many_clients(exc):
+            self._crowded_until = self._crowded_until or time.monotonic() + CROWDED_WAIT
+            if time.monotonic() > self._crowded_until:
+                raise exc
+            self.log(f"  {what}: the server has no connection slot free; waiting")
+            time.sleep(5.0)
+            return
+        self.admin.drop()
+        self.restarts += 1
+        if self.restarts >= MAX_ATTEMPTS or self.admin.server_started_at() == started:
+            raise exc
+        self.log(f"  server restarted during {what}: {exc}; again")
+
+
 def run_sliced(
     plan: Plan,
     admin: Admin,
@@ -1281,8 +1308,7 @@ def run_sliced(
 
     Nothing is re-run for being disturbed: every variant shared the disturbance.
     """
-    restarts = 0
-    crowded_until: float | None = None
+    trouble = ServerTrouble(admin, log)
     while True:
         # One tag for the window: application_name finds all its backends by it.
         window = f"{plan.prefix}.w{next(numbers):03d}"
@@ -1330,21 +1356,10 @@ def run_sliced(
                     )
                 )
         except (psycopg.Error, twophase.TwoPhaseError) as exc:
-            if _too_many_clients(exc):
-                crowded_until = crowded_until or time.monotonic() + CROWDED_WAIT
-                if time.monotonic() > crowded_until:
-                    raise
-                log(f"  {api} x{clients}: the server has no connection slot free; waiting")
-                time.sleep(5.0)
-                continue
-            admin.drop()
-            restarts += 1
-            if restarts >= MAX_ATTEMPTS or admin.server_started_at() == started:
-                raise
-            log(f"  server restarted during {api} x{clients}: {exc}; again")
+            trouble.again(exc, started, f"{api} x{clients}")
             continue
         for r in results:
-            r.attempt = restarts + 1
+            r.attempt = trouble.restarts + 1
             r.load_avg_1m_before = round(load, 2)
             r.busy_pct_before = quiet
             r.prepared_xacts_before = prepared
@@ -1363,8 +1378,8 @@ def run_one(
     position: int,
 ) -> RunResult:
     """One measured run, started again after a server restart or a disturbance."""
-    restarts = spoiled = 0
-    crowded_until: float | None = None
+    trouble = ServerTrouble(admin, log)
+    spoiled = 0
     what = f"({key}) {api} x{clients}"
     while True:
         # A fresh name prefix per attempt: twophase names are single-use once committed,
@@ -1395,18 +1410,7 @@ def run_one(
             log(f"  {what}: {exc}; again")
             continue
         except (psycopg.Error, twophase.TwoPhaseError) as exc:
-            if _too_many_clients(exc):
-                crowded_until = crowded_until or time.monotonic() + CROWDED_WAIT
-                if time.monotonic() > crowded_until:
-                    raise
-                log(f"  {what}: the server has no connection slot free; waiting")
-                time.sleep(5.0)
-                continue
-            admin.drop()
-            restarts += 1
-            if restarts >= MAX_ATTEMPTS or admin.server_started_at() == started:
-                raise  # not a restart: a real failure, which must be seen
-            log(f"  server restarted during {what}: {exc}; again")
+            trouble.again(exc, started, what)
             continue
         disturbed = (r.other_busy_pct or 0.0) > plan.max_other_pct
         if disturbed and spoiled + 1 < MAX_ATTEMPTS:
@@ -1417,7 +1421,7 @@ def run_one(
             )
             continue
         r.disturbed = disturbed
-        r.attempt = restarts + spoiled + 1
+        r.attempt = trouble.restarts + spoiled + 1
         r.load_avg_1m_before = round(load, 2)
         r.busy_pct_before = quiet
         r.prepared_xacts_before = prepared
