@@ -255,6 +255,37 @@ async def test_async_audit_of_a_rollback_and_a_failing_callback(
     assert {h["principal"] for h in first + second} == {None}
 
 
+def test_audit_keeps_any_text_and_loses_nothing_behind_it(url: str, txname: str) -> None:
+    """Tabs, newlines, backslashes, COPY's own \\N and NUL in what callers control: each
+    event is stored as given (NUL, which PostgreSQL's text cannot hold, as U+FFFD), and a
+    NUL does not fail its batch and the events queued behind it."""
+    hostile = "a\\b\tc\nd\re\x00f \\N \u00e9\U0001f600 end\\"
+    stored = hostile.replace("\x00", "\ufffd")
+    audit = AuditLog(url, flush_interval=0.05)
+    with twophase.connect(url, observers=[audit], label="lbl\t\\1") as db:
+        with twophase.context(principal=hostile, correlation_id=hostile[:30]):
+
+            def fails(tx: twophase.Transaction) -> None:
+                raise ValueError(hostile)
+
+            with pytest.raises(ValueError):
+                db.begin_distributed(txname, fails)
+        db.begin_distributed(txname + "b", lambda tx: tx.execute("SELECT 1"))
+        db.rollback_distributed(txname + "b")
+        first, second = audit.history(txname), audit.history(txname + "b")
+    audit.close()
+    assert [(h["step"], h["outcome"]) for h in first] == [
+        ("begin", "ok"),
+        ("rollback", "rolled_back"),
+    ]
+    for h in first:
+        assert h["principal"] == stored
+        assert h["correlation_id"] == stored[:30]
+        assert h["participant"] == "lbl\t\\1"
+    assert first[1]["detail"].endswith(f"ValueError: {stored}")
+    assert [h["step"] for h in second] == ["begin", "prepare", "rollback"]
+
+
 def test_audit_outage_never_changes_the_outcome(url: str, table: str, txname: str) -> None:
     dead = AuditLog("postgresql://postgres@127.0.0.1:9/nowhere", flush_interval=0.05)
     with twophase.connect(url, observers=[dead]) as db:

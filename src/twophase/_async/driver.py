@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -40,8 +40,9 @@ class AsyncConn:
         (BEGIN, a claim, PREPARE, COMMIT PREPARED, ROLLBACK): ASCII text, one or several."""
         await self.run(sql)
 
-    async def copy_in(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        """Bulk-load ``rows`` with ``COPY ... FROM STDIN`` (PostgreSQL only)."""
+    async def copy_in(self, sql: str, data: Iterable[bytes]) -> None:
+        """Bulk-load with ``COPY ... FROM STDIN``, ``data`` being chunks of the COPY's own
+        format (PostgreSQL only)."""
         raise NotImplementedError
 
     def in_failed_transaction(self) -> bool:
@@ -141,12 +142,12 @@ class AsyncPgConn(AsyncConn):
             self._check_link()
             raise
 
-    async def copy_in(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        """One COPY statement; psycopg adapts the values as it does parameters."""
+    async def copy_in(self, sql: str, data: Iterable[bytes]) -> None:
+        """One COPY statement, sending the chunks as they come."""
         try:
             async with self.raw.cursor() as cur, cur.copy(sql) as copy:
-                for row in rows:
-                    await copy.write_row(row)
+                for chunk in data:
+                    await copy.write(chunk)
         except psycopg.Error:
             self._check_link()
             raise

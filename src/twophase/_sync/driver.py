@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -42,8 +42,9 @@ class Conn:
         (BEGIN, a claim, PREPARE, COMMIT PREPARED, ROLLBACK): ASCII text, one or several."""
         self.run(sql)
 
-    def copy_in(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        """Bulk-load ``rows`` with ``COPY ... FROM STDIN`` (PostgreSQL only)."""
+    def copy_in(self, sql: str, data: Iterable[bytes]) -> None:
+        """Bulk-load with ``COPY ... FROM STDIN``, ``data`` being chunks of the COPY's own
+        format (PostgreSQL only)."""
         raise NotImplementedError
 
     def in_failed_transaction(self) -> bool:
@@ -143,12 +144,12 @@ class PgConn(Conn):
             self._check_link()
             raise
 
-    def copy_in(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        """One COPY statement; psycopg adapts the values as it does parameters."""
+    def copy_in(self, sql: str, data: Iterable[bytes]) -> None:
+        """One COPY statement, sending the chunks as they come."""
         try:
             with self.raw.cursor() as cur, cur.copy(sql) as copy:
-                for row in rows:
-                    copy.write_row(row)
+                for chunk in data:
+                    copy.write(chunk)
         except psycopg.Error:
             self._check_link()
             raise

@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,7 @@ class AuditSQL:
         return sql, tuple(params)
 
     def copy(self) -> str | None:
-        """``COPY ... FROM STDIN`` taking :meth:`rows` (PostgreSQL), or None (MariaDB).
+        """``COPY ... FROM STDIN`` taking :meth:`copy_data` (PostgreSQL), or None (MariaDB).
 
         On PostgreSQL a batch is loaded with COPY rather than the multi-row INSERT: the
         INSERT's text and its parameters grow with the batch, so the client adapts and the
@@ -105,6 +106,26 @@ class AuditSQL:
         if self.dialect.name != "postgresql":
             return None
         return f"COPY {self.table} ({', '.join(COLUMNS)}) FROM STDIN"
+
+    def copy_data(self, events: list[Event], chunk: int = 64) -> Iterator[bytes]:
+        """The rows of ``events`` in COPY's text format, ``chunk`` rows at a time.
+
+        Formatted here rather than adapted value by value by the driver (``write_row``):
+        the values are few and of known kinds (a timestamp, a number, text to escape), and
+        the writer's client time per event drops by about a third.
+        """
+        stamp = _Stamp()
+        for i in range(0, len(events), chunk):
+            lines = []
+            for e in events[i : i + chunk]:
+                lines.append(
+                    f"{stamp(e.started)}\t{e.step.value}\t{_copy_text(e.name)}\t{_copy_text(e.branch)}\t"
+                    f"{_copy_text(_cut(e.participant, 128))}\t{e.outcome.value}\t"
+                    f"{e.duration * 1000:.3f}\t{_copy_text(e.correlation_id)}\t"
+                    f"{_copy_text(_cut(e.principal, 128))}\t"
+                    f"{_copy_text(_cut(e.detail, _DETAIL))}\n"
+                )
+            yield "".join(lines).encode()
 
     def rows(self, events: list[Event]) -> list[tuple[Any, ...]]:
         """The column values (``COLUMNS``) of each event."""
@@ -118,12 +139,12 @@ class AuditSQL:
                     e.step.value,
                     e.name,
                     e.branch,
-                    _cut(e.participant, 128),
+                    _clean(_cut(e.participant, 128)),
                     e.outcome.value,
                     round(e.duration * 1000, 3),
-                    e.correlation_id,
-                    _cut(e.principal, 128),
-                    _cut(e.detail, _DETAIL),
+                    _clean(e.correlation_id),
+                    _clean(_cut(e.principal, 128)),
+                    _clean(_cut(e.detail, _DETAIL)),
                 )
             )
         return out
@@ -303,7 +324,7 @@ class AuditLog:
                 db._autocommit(*sql.insert(events))
                 return
             with db._pool.connection() as conn:
-                conn.copy_in(copy, sql.rows(events))
+                conn.copy_in(copy, _yielding(sql.copy_data(events)))
 
     def _connection(self) -> tuple[Database, AuditSQL]:
         if self._db is None or self._sql is None:
@@ -318,6 +339,57 @@ class AuditLog:
 
 def _cut(text: str | None, limit: int) -> str | None:
     return text if text is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+# PostgreSQL's text cannot hold NUL: one in a principal, a correlation id or an error
+# message would fail its whole batch on every retry, and the events queued behind it with
+# it. Stored as U+FFFD, the replacement character, on every dialect alike.
+_NUL = "\0"
+_REPLACEMENT = "\ufffd"
+# COPY's text format: backslash, tab, newline and carriage return are escaped, NULL is \N.
+_COPY_ESCAPES = str.maketrans(
+    {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", _NUL: _REPLACEMENT}
+)
+
+
+def _clean(text: str | None) -> str | None:
+    return text if text is None or _NUL not in text else text.replace(_NUL, _REPLACEMENT)
+
+
+def _copy_text(text: str | None) -> str:
+    if text is None:
+        return "\\N"
+    # Two scans in C: most values have nothing to escape, and translate() costs more.
+    if text.isprintable() and "\\" not in text:
+        return text
+    return text.translate(_COPY_ESCAPES)
+
+
+class _Stamp:
+    """Epoch seconds as a COPY ``timestamptz`` in UTC, to the microsecond; the date and
+    time of day are formatted once per second, since a batch's events share most of them."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, started: float) -> str:
+        second, micro = divmod(round(started * 1_000_000), 1_000_000)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+        return f"{self._text}.{micro:06d}+00"
+
+
+def _yielding(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks``, letting other threads run between two: a batch is formatted while this
+    thread holds the GIL, and a caller whose statement completed meanwhile would wait for
+    the interpreter's switch interval (5 ms) otherwise."""
+    for chunk in chunks:
+        yield chunk
+        time.sleep(0)
 
 
 _OPEN: weakref.WeakSet[AuditLog] = weakref.WeakSet()
