@@ -1,12 +1,15 @@
 """A bounded queue that one daemon thread drains in batches: what the audit writer and
 the span maker share.
 
-Callers :meth:`~Backlog.put` items (a lock, an append; the thread starts with the first
-one). The thread's loop calls :meth:`~Backlog.take` for each batch and :meth:`~Backlog.done`
-once it is handled. A batch is gathered for up to ``gather`` seconds after the previous one
-was taken, unless ``max_batch`` items wait, someone flushes or the backlog closes: handling
-items as soon as they come would cost a round trip or a thread switch for every one or two
-of them under load. Beyond ``max_queue`` waiting items the oldest are dropped and counted.
+Callers :meth:`~Backlog.put` items: an append to a deque, no lock, since every step of
+every transaction does it and a lock shared by many client threads costs several times the
+append once they contend for it. The thread starts with the first item; it looks for items
+every ``gather`` seconds rather than being woken for each. Its loop calls
+:meth:`~Backlog.take` for each batch and :meth:`~Backlog.done` once it is handled. A batch is
+gathered for up to ``gather`` seconds after the previous one was taken, unless ``max_batch``
+items wait, someone flushes or the backlog closes: handling items as soon as they come would
+cost a round trip or a thread switch for every one or two of them under load. Beyond
+``max_queue`` waiting items the oldest are dropped and counted.
 
 After ``fork()`` a child starts afresh: the thread did not come along, the lock may have
 been held when it forked, and the parent's queued items stay the parent's to handle.
@@ -54,8 +57,10 @@ class Backlog(Generic[T]):
     def _reset(self) -> None:
         self._items.clear()
         self._cond = threading.Condition(threading.Lock())
-        self._put = 0  # items put so far
-        self._settled = 0  # items handled or dropped
+        # Under the condition's lock: the items handled or dropped, and those taken by the
+        # thread and not yet done. Puts count nowhere: what they added is in the deque.
+        self._settled = 0
+        self._in_flight = 0
         self._flushing = 0  # callers of flush() waiting: the thread does not gather
         self._last_take = -float("inf")
         self._thread: threading.Thread | None = None
@@ -65,11 +70,16 @@ class Backlog(Generic[T]):
 
     def put(self, item: T) -> None:
         """Queue ``item`` for the thread (started on first use)."""
+        items = self._items
+        items.append(item)  # atomic: deque.append holds the interpreter lock
+        n = len(items)
+        if n >= self.max_batch or n > self.max_queue or self._thread is None:
+            self._put_slowly()
+
+    def _put_slowly(self) -> None:
         with self._cond:
             items = self._items
-            items.append(item)
-            self._put += 1
-            if len(items) > self.max_queue:
+            while len(items) > self.max_queue:
                 items.popleft()
                 self.dropped += 1
                 self._settled += 1
@@ -78,7 +88,7 @@ class Backlog(Generic[T]):
                     self._on_start()
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
-            elif len(items) == 1 or len(items) >= self.max_batch:
+            elif len(items) >= self.max_batch:
                 self._cond.notify_all()
 
     def take(self) -> list[T] | None:
@@ -86,7 +96,7 @@ class Backlog(Generic[T]):
         with self._cond:
             items = self._items
             while not items and not self.closed:
-                self._cond.wait()
+                self._cond.wait(self.gather)  # puts do not notify: look again
             until = self._last_take + self.gather
             while not (self.closed or self._flushing or len(items) >= self.max_batch):
                 left = until - time.monotonic()
@@ -96,12 +106,15 @@ class Backlog(Generic[T]):
             if self.closed and not items:
                 return None
             self._last_take = time.monotonic()
-            return [items.popleft() for _ in range(min(len(items), self.max_batch))]
+            batch = [items.popleft() for _ in range(min(len(items), self.max_batch))]
+            self._in_flight += len(batch)
+            return batch
 
     def done(self, count: int) -> None:
         """In the thread: ``count`` items of the batch taken are handled."""
         with self._cond:
             self._settled += count
+            self._in_flight -= count
             self._cond.notify_all()
 
     def put_back(self, batch: list[T]) -> bool:
@@ -110,6 +123,7 @@ class Backlog(Generic[T]):
         is counted as dropped (and the thread should end)."""
         with self._cond:
             self._items.extendleft(reversed(batch))
+            self._in_flight -= len(batch)
             if not self.closed:
                 return True
             lost = len(self._items)
@@ -123,7 +137,9 @@ class Backlog(Generic[T]):
         """Wait until every item put so far is handled (or dropped); False on timeout."""
         end = time.monotonic() + timeout
         with self._cond:
-            target = self._put
+            # Items leave in order (taken or dropped from the left), so once this many are
+            # settled, every one put before this call is.
+            target = self._settled + self._in_flight + len(self._items)
             self._flushing += 1
             self._cond.notify_all()
             try:
