@@ -69,6 +69,7 @@ VARIANT_LABELS = {
     "o": "(c) observed: connect(audit=True, tracing=True), OpenTelemetry SDK, spans discarded",
     "oa": "(c) with connect(audit=True) only",
     "ot": "(c) with connect(tracing=True) only, OpenTelemetry SDK, spans discarded",
+    "cs": "(c) plus three spans a transaction made by hand with the same SDK (its own cost)",
 }
 # (audit, tracing) of each twophase variant: (oa) and (ot) split (o)'s cost in two.
 OBSERVED = {
@@ -76,8 +77,34 @@ OBSERVED = {
     "o": (True, True),
     "oa": (True, False),
     "ot": (False, True),
+    "cs": (False, False),
 }
-VARIANTS = ("a", "b", "b+", "c", "o", "oa", "ot")
+VARIANTS = ("a", "b", "b+", "c", "o", "oa", "ot", "cs")
+
+
+class HandSpans:
+    """(cs): the three spans twophase makes for a transaction (begin, prepare, commit),
+    made by the benchmark itself through the same SDK, with the same attributes, in the
+    caller. What any instrumentation with a span a step pays the SDK: (ot)/(cs) is then what
+    twophase's tracing costs beyond it."""
+
+    def __init__(self) -> None:
+        from opentelemetry import trace
+
+        self.tracer = trace.get_tracer("tpc_overhead")
+
+    def make(self, name: str, cid: str) -> None:
+        for step, outcome in (("begin", "ok"), ("prepare", "prepared"), ("commit", "committed")):
+            attributes = {
+                "twophase.name": name,
+                "twophase.step": step,
+                "twophase.outcome": outcome,
+                "twophase.correlation_id": cid,
+                "twophase.participant": "bench",
+            }
+            self.tracer.start_span(f"twophase.{step}", attributes=attributes).end()
+
+
 # With --breakdown: (b) plus exactly the SQL twophase adds (its claim of the name), written by
 # hand. (b+)/(b) is then the price of the outcome record on the server and (c)/(b+) the
 # price of the library's Python code, splitting (c)/(b) into its two causes.
@@ -287,11 +314,18 @@ class TwophaseSync(SyncVariant):
     """
 
     def __init__(
-        self, url: str, name_prefix: str, *, builder: bool, observe: tuple[bool, bool]
+        self,
+        url: str,
+        name_prefix: str,
+        *,
+        builder: bool,
+        observe: tuple[bool, bool],
+        hand_spans: bool = False,
     ) -> None:
         super().__init__(url, name_prefix)
         self.builder = builder
         self.audit, self.tracing = observe
+        self.spans = HandSpans() if hand_spans else None
 
     def open(self, clients: int) -> None:
         # pool_min = pool_max = clients: every client has a connection from the start, so
@@ -314,6 +348,8 @@ class TwophaseSync(SyncVariant):
         else:
             self.db.begin_distributed(name, lambda tx: tx.execute(INSERT_SQL, (rid, PAYLOAD)))
         self.db.commit_distributed(name)
+        if self.spans is not None:
+            self.spans.make(name, name)
 
     def close(self) -> None:
         self.db.close()
@@ -430,11 +466,18 @@ class TwophaseAsync(AsyncVariant):
     """(c) (or (o), see TwophaseSync) with ``twophase.connect_async``."""
 
     def __init__(
-        self, url: str, name_prefix: str, *, builder: bool, observe: tuple[bool, bool]
+        self,
+        url: str,
+        name_prefix: str,
+        *,
+        builder: bool,
+        observe: tuple[bool, bool],
+        hand_spans: bool = False,
     ) -> None:
         super().__init__(url, name_prefix)
         self.builder = builder
         self.audit, self.tracing = observe
+        self.spans = HandSpans() if hand_spans else None
 
     async def open(self, clients: int) -> None:
         self.db = await twophase.connect_async(
@@ -456,6 +499,8 @@ class TwophaseAsync(AsyncVariant):
 
         await self.db.begin_distributed(name, insert)
         await self.db.commit_distributed(name)
+        if self.spans is not None:
+            self.spans.make(name, name)
 
     async def close(self) -> None:
         await self.db.close()
@@ -1220,7 +1265,9 @@ def make_sync(key: str, plan: Plan, names: str) -> SyncVariant:
         return PlainSync(plan.url, names)
     if key in ("b", "b+"):
         return HandTpcSync(plan.url, names, same_conn=plan.same_conn, claim=key == "b+")
-    return TwophaseSync(plan.url, names, builder=plan.builder, observe=OBSERVED[key])
+    return TwophaseSync(
+        plan.url, names, builder=plan.builder, observe=OBSERVED[key], hand_spans=key == "cs"
+    )
 
 
 def make_async(key: str, plan: Plan, names: str) -> AsyncVariant:
@@ -1229,7 +1276,9 @@ def make_async(key: str, plan: Plan, names: str) -> AsyncVariant:
         return PlainAsync(plan.url, names)
     if key in ("b", "b+"):
         return HandTpcAsync(plan.url, names, same_conn=plan.same_conn, claim=key == "b+")
-    return TwophaseAsync(plan.url, names, builder=plan.builder, observe=OBSERVED[key])
+    return TwophaseAsync(
+        plan.url, names, builder=plan.builder, observe=OBSERVED[key], hand_spans=key == "cs"
+    )
 
 
 def run_all(plan: Plan, admin: Admin, log: Callable[[str], None]) -> list[RunResult]:
@@ -1505,12 +1554,17 @@ def summarise(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], list[
                 "observe_target_met": verdict,
                 "observe_doubts": doubts,
             }
-        for part in ("oa", "ot"):
+        for part in ("oa", "ot", "cs"):
             if {"c", part} <= by_key.keys():
                 ratio[f"{part}_over_c"] = by_key[part]["median_tps"] / by_key["c"]["median_tps"]
                 ratio[f"{part}_over_c_paired"] = _paired(
                     runs_of("c"), runs_of(part), OBSERVE_TARGET, "(c)", f"({part})"
                 )[0]
+        if {"cs", "ot"} <= by_key.keys():
+            ratio["ot_over_cs"] = by_key["ot"]["median_tps"] / by_key["cs"]["median_tps"]
+            ratio["ot_over_cs_paired"] = _paired(
+                runs_of("cs"), runs_of("ot"), OBSERVE_TARGET, "(cs)", "(ot)"
+            )[0]
         if len(ratio) > 2:
             ratios.append(ratio)
     return summary, ratios
@@ -1644,13 +1698,23 @@ def render(report: dict[str, Any]) -> str:
                 f"{pad}verdict from undisturbed repeats [{clean}]"
                 + (f" ({'; '.join(r['observe_doubts'])})" if r["observe_doubts"] else "")
             )
-        for part, what in (("oa", "audit only"), ("ot", "tracing only")):
+        for part, what in (
+            ("oa", "audit only"),
+            ("ot", "tracing only"),
+            ("cs", "the SDK's own cost for three spans"),
+        ):
             if f"{part}_over_c" in r:
                 paired = ", ".join(f"{x:.3f}" for x in r[f"{part}_over_c_paired"])
                 lines.append(
                     f"{head}({part})/(c) = {r[f'{part}_over_c']:.3f} [paired {paired}] ({what})"
                 )
                 head = pad
+        if "ot_over_cs" in r:
+            paired = ", ".join(f"{x:.3f}" for x in r["ot_over_cs_paired"])
+            lines.append(
+                f"{head}(ot)/(cs) = {r['ot_over_cs']:.3f} [paired {paired}] "
+                "(twophase's tracing beyond the SDK's cost)"
+            )
     ot = report["outcome_table"]
     lines += [
         "",
@@ -1709,8 +1773,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default="a,b,c",
-        help="which variants to run, of a,b,b+,c,o,oa,ot (e.g. 'c' alone to profile it with\n"
-        "py-spy; 'c,o,oa,ot' to split the cost of observing into audit and tracing)",
+        help="which variants to run, of a,b,b+,c,o,oa,ot,cs (e.g. 'c' alone to profile it\n"
+        "with py-spy; 'c,o,oa,ot,cs' to split the cost of observing into audit, tracing and\n"
+        "the OpenTelemetry SDK's own share)",
     )
     p.add_argument(
         "--settle",
@@ -1779,7 +1844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slice=args.slice / 1000.0,
         schema=args.schema,
     )
-    if {"o", "ot"} & set(plan.variants):
+    if {"o", "ot", "cs"} & set(plan.variants):
         plan.tracer = install_tracer_provider()
 
     def log(msg: str) -> None:
