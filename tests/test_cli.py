@@ -499,6 +499,58 @@ def test_prune_history(db_url: str) -> None:
         assert "Usage:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# -- prune-outcomes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("db_url", [PG_URL, MY_URL], ids=["postgresql", "mysql"])
+def test_prune_outcomes(db_url: str) -> None:
+    import time
+
+    from procs.outbox_env import isolated_database
+
+    dialect = "postgresql" if db_url == PG_URL else "mysql"
+    with isolated_database(dialect) as scratch:
+        with twophase.connect(scratch) as db:
+            for name in ("old-1", "old-2"):
+                db.begin_distributed(name, lambda tx: tx.execute("SELECT 1"))
+                db.commit_distributed(name)
+            db.begin_distributed("open", lambda tx: tx.execute("SELECT 1"))
+        time.sleep(0.3)
+        env = {"TWOPHASE_URL": scratch}
+        try:
+            proc = run_cli(
+                "prune-outcomes", "--older-than", "100ms", "--dry-run", "--json", env=env
+            )
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(proc.stdout) == {
+                "dry_run": True,
+                "older_than_seconds": 0.1,
+                "would_delete": 2,
+            }
+            proc = run_cli("prune-outcomes", "--older-than", "100ms", "--batch", "1", env=env)
+            assert proc.returncode == 0, proc.stderr
+            assert "deleted 2 outcome records older than" in proc.stdout
+            proc = run_cli("prune-outcomes", "--older-than", "100ms", "--json", env=env)
+            assert json.loads(proc.stdout)["deleted"] == 0
+            proc = run_cli("status", "old-1", "--json", env=env)
+            assert json.loads(proc.stdout)["status"] == "unknown"
+            proc = run_cli("commit", "old-1", env=env)
+            assert proc.returncode == 1 and "UnknownTransaction" in proc.stderr
+            proc = run_cli("commit", "open", env=env)  # its record was never touched
+            assert proc.returncode == 0, proc.stderr
+            proc = run_cli("history", "*", "--json", env=env)
+            details = [e["detail"] for e in json.loads(proc.stdout)["events"]]
+            assert details[0].startswith("2 outcome records older than")
+        finally:
+            with twophase.connect(scratch) as db:
+                if db.status("open") is twophase.Status.PREPARED:
+                    db.rollback_distributed("open")
+    for bad in (["--older-than", "soon"], ["--older-than", "0s"], []):
+        proc = run_cli("prune-outcomes", *bad, "--url", db_url)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert "Usage:" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # -- global transactions: status, reap, recover, history -----------------------------------
 
 # A coordinator that dies once its commit decision is durable: its branches stay prepared.

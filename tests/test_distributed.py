@@ -6,6 +6,7 @@ lists them, statuses), not merely that a call returned.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -716,3 +717,101 @@ def test_twenty_threads_begin_and_commit(url, table):
         assert rows_of(db, table) == [{"id": i, "status": f"thread{i}"} for i in range(20)]
         assert {db.status(n) for n in names} == {Status.COMMITTED}
         assert not set(names) & server_prepared(url)
+
+
+# -- retention of outcome records ---------------------------------------------------------------
+
+
+def test_prune_outcomes_forgets_finished_names_and_never_a_prepared_one(dialect_name):
+    """Old records of committed and rolled-back names go, in several key-ordered pages;
+    prepared transactions (one of them a name begun again after its rollback) are neither
+    deleted nor waited for, and finish normally afterwards."""
+    from procs.outbox_env import isolated_database
+
+    from twophase import Policy, Rule
+    from twophase.errors import PermissionDenied, UnknownTransaction
+    from twophase.observe import Event, Outcome, Step
+
+    with isolated_database(dialect_name) as scratch:
+        seen: list[Event] = []
+        policy = Policy(
+            [
+                Rule(principals=["dba"], actions=["prune"], names=["*"]),
+                Rule(principals=["dba"], actions=["begin", "commit", "rollback"], names=["*"]),
+            ]
+        )
+        db = twophase.connect(scratch, observers=[seen.append], policy=policy)
+        try:
+            with twophase.context(principal="dba"):
+                committed = [f"done-{i}" for i in range(7)]
+                for name in committed:
+                    db.begin_distributed(name, lambda tx: tx.execute("SELECT 1"))
+                    db.commit_distributed(name)
+                db.begin_distributed("undone", lambda tx: tx.execute("SELECT 1"))
+                db.rollback_distributed("undone")  # a tombstone
+                db.begin_distributed("again", lambda tx: tx.execute("SELECT 1"))
+                db.rollback_distributed("again")
+                db.begin_distributed("again", lambda tx: tx.execute("SELECT 1"))  # prepared
+                db.begin_distributed("pending", lambda tx: tx.execute("SELECT 1"))  # prepared
+                time.sleep(0.05)
+                window = timedelta(milliseconds=10)
+
+                assert db.prune_outcomes(window, dry_run=True) == 9
+                assert db.status("done-0") is Status.COMMITTED  # a dry run deletes nothing
+                started = time.monotonic()
+                assert db.prune_outcomes(window, batch=3) == 9
+                assert time.monotonic() - started < 5  # waited for no prepared record
+                assert db.prune_outcomes(window) == 0
+
+                assert db.status("done-0") is Status.UNKNOWN
+                with pytest.raises(UnknownTransaction):
+                    db.commit_distributed("done-0")  # the retry window is over
+                assert db.status("undone") is Status.UNKNOWN
+                assert db.status("again") is Status.PREPARED
+                assert db.status("pending") is Status.PREPARED
+                db.commit_distributed("again")
+                db.rollback_distributed("pending")
+                assert db.status("again") is Status.COMMITTED
+                assert db.status("pending") is Status.ROLLED_BACK
+                # A forgotten name can be begun again.
+                db.begin_distributed("done-0", lambda tx: tx.execute("SELECT 1"))
+                db.commit_distributed("done-0")
+                assert db.status("done-0") is Status.COMMITTED
+                assert db.prepared() == []
+
+            with pytest.raises(PermissionDenied), twophase.context(principal="intern"):
+                db.prune_outcomes(timedelta(days=1))
+            for bad in ({"older_than": timedelta(0)}, {"older_than": 30}):
+                with pytest.raises(ValueError, match="older_than"):
+                    db.prune_outcomes(**bad)
+            with pytest.raises(ValueError, match="batch"):
+                db.prune_outcomes(timedelta(days=1), batch=0)
+        finally:
+            for name in ("again", "pending"):
+                if db.status(name) is Status.PREPARED:
+                    db.rollback_distributed(name)
+            db.close()
+    prunes = [(e.outcome, e.principal, e.detail or "") for e in seen if e.step is Step.PRUNE]
+    assert [(o, p) for o, p, _ in prunes] == [
+        (Outcome.OK, "dba"),
+        (Outcome.OK, "dba"),
+        (Outcome.DENIED, "intern"),
+    ]
+    assert prunes[0][2].startswith("9 outcome records older than")
+
+
+async def test_prune_outcomes_async(dialect_name):
+    from procs.outbox_env import isolated_database
+
+    with isolated_database(dialect_name) as scratch:
+        db = await twophase.connect_async(scratch)
+        try:
+            await db.begin_distributed("old", lambda tx: tx.execute("SELECT 1"))
+            await db.commit_distributed("old")
+            await asyncio.sleep(0.05)
+            window = timedelta(milliseconds=10)
+            assert await db.prune_outcomes(window, dry_run=True) == 1
+            assert await db.prune_outcomes(window) == 1
+            assert await db.status("old") is Status.UNKNOWN
+        finally:
+            await db.close()

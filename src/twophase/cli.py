@@ -584,8 +584,8 @@ def prune_history_command(
 ) -> None:
     """Delete audit events older than --older-than from the database's audit log.
 
-    Outcome and decision records are not touched: they are what makes commits and
-    rollbacks safe to retry. The pruning is itself audited. Needs the policy's `prune`.
+    Outcome and decision records are not touched (see prune-outcomes). The pruning is
+    itself audited. Needs the policy's `prune`.
     """
     db = open_db(ctx)
     count = db.prune_history(older_than, dry_run=dry_run, batch=batch)
@@ -598,6 +598,45 @@ def prune_history_command(
     verb = "would delete" if dry_run else "deleted"
     make_console().print(
         f"{verb} {count} audit events older than {format_sla(older_than)} in {_where(db)}"
+    )
+
+
+@cli.command("prune-outcomes")
+@older_than_option(
+    "Forget transactions finished longer ago than this (30d, 720h...).", above_zero=True
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; change nothing.")
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=5_000,
+    show_default=True,
+    help="Records read per page of the walk through the table.",
+)
+@json_option
+@connection_options
+@click.pass_context
+def prune_outcomes_command(
+    ctx: click.Context, older_than: timedelta, dry_run: bool, batch: int, as_json: bool
+) -> None:
+    """Delete the outcome records of transactions finished before --older-than.
+
+    A retried commit or rollback of a forgotten name gets "unknown transaction" instead of
+    its true answer, and the name can be begun again: choose a window longer than anything
+    may retry, recover or reap late. Prepared transactions are never touched. The pruning
+    is audited. Needs the policy's `prune`.
+    """
+    db = open_db(ctx)
+    count = db.prune_outcomes(older_than, dry_run=dry_run, batch=batch)
+    if as_json:
+        key = "would_delete" if dry_run else "deleted"
+        emit_json(
+            {"dry_run": dry_run, "older_than_seconds": older_than.total_seconds(), key: count}
+        )
+        return
+    verb = "would delete" if dry_run else "deleted"
+    make_console().print(
+        f"{verb} {count} outcome records older than {format_sla(older_than)} in {_where(db)}"
     )
 
 
@@ -829,8 +868,8 @@ def history_command(
 
     With --url only: a transaction of that database (begin_distributed) and its status;
     NAME '*' lists the database-wide operator actions (reap, recover and prune denials,
-    prune-history). With --participant/--config: a global transaction, its decision, and
-    the events of its branches from every participant's audit log.
+    prune-history, prune-outcomes). With --participant/--config: a global transaction,
+    its decision, and the events of its branches from every participant's audit log.
     """
     if name == "*" and (config is not None or participants):
         raise click.UsageError("'*' goes with --url only (a database's own audit log)")

@@ -56,6 +56,10 @@ _BRANCH_NOT_REAPED = "a global transaction's branch: `twophase recover` finishes
 _ATTACHED_WAIT = 5.0
 
 
+# Keys per DELETE of prune_outcomes(): each is an index lookup the server plans and locks.
+_DELETE_KEYS = 500
+
+
 class _AsyncRunner:
     """Runs compiled builder queries on behalf of a database or a transaction."""
 
@@ -525,6 +529,71 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
             started,
             correlation_id=cid,
             detail=f"{total} audit events older than {before.isoformat()} deleted",
+        )
+        return total
+
+    async def prune_outcomes(
+        self, older_than: timedelta, *, dry_run: bool = False, batch: int = 5_000
+    ) -> int:
+        """Delete the outcome records of transactions finished longer ago than
+        ``older_than``; how many were deleted (with ``dry_run``: how many would be).
+
+        One record is kept per finished name so that a retried commit or rollback gets its
+        true answer; past the window it gets ``UnknownTransaction`` instead, and the name
+        can be begun again. Choose a window longer than anything may retry, recover or
+        reap late (days, not minutes). The record of a transaction still prepared is never
+        touched. Walks the table in key order, ``batch`` records a read, deleting the old
+        ones by key in short statements. Every namespace's records: the policy must grant
+        ``prune`` on ``*``. The pruning is recorded as an event.
+        """
+        if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
+            raise ValueError(
+                f"older_than must be a positive datetime.timedelta, got {older_than!r}"
+            )
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        self._refuse_nesting("prune_outcomes()")
+        cid = self._authorize("prune", None)
+        started = time.time()
+        before = datetime.now(UTC) - older_than
+        dialect = self.dialect
+        await self._ensure_ready()
+        if dry_run:
+            rows = await self._autocommit(*dialect.count_outcomes(before))
+            return int(rows[0]["n"])
+        total = 0
+        after: tuple[str, str] | None = None
+        try:
+            while True:
+                page = await self._autocommit(*dialect.outcome_page(after, batch, before))
+                if not page:
+                    break
+                old = [(row["name"], row["outcome"]) for row in page if row["old"]]
+                for i in range(0, len(old), _DELETE_KEYS):
+                    keys = old[i : i + _DELETE_KEYS]
+                    deleted = await self._autocommit(*dialect.delete_outcomes(keys, before))
+                    total += deleted.rowcount
+                if len(page) < batch:
+                    break
+                after = (page[-1]["name"], page[-1]["outcome"])
+        except BaseException as exc:
+            self._events.emit(
+                Step.PRUNE,
+                "*",
+                Outcome.FAILED,
+                started,
+                correlation_id=cid,
+                detail=f"{total} outcome records deleted before: {type(exc).__name__}: {exc}",
+                error=exc,
+            )
+            raise
+        self._events.emit(
+            Step.PRUNE,
+            "*",
+            Outcome.OK,
+            started,
+            correlation_id=cid,
+            detail=f"{total} outcome records older than {before.isoformat()} deleted",
         )
         return total
 

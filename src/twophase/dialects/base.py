@@ -127,6 +127,49 @@ class Dialect(ABC):
             (name.record,),
         )
 
+    def outcome_page(
+        self, after: tuple[str, str] | None, limit: int, before: datetime
+    ) -> Statement:
+        """The next ``limit`` outcome records in key order after the key ``after``, each
+        with ``old`` = 1 when recorded before ``before``.
+
+        A plain read: it never waits for, and never sees, the record of a transaction that
+        is still prepared (uncommitted). The key written out rather than as a row value,
+        which MariaDB does not turn into an index range.
+        """
+        where = ""
+        params: list[Any] = [before]
+        if after is not None:
+            where = " WHERE name >= %s AND (name > %s OR outcome > %s)"
+            params += [after[0], after[0], after[1]]
+        return (
+            "SELECT name, outcome, CASE WHEN recorded_at < %s THEN 1 ELSE 0 END AS old "
+            f"FROM {self.sql.quote_ident(OUTCOME_TABLE)}{where} "
+            f"ORDER BY name, outcome LIMIT {int(limit)}",
+            tuple(params),
+        )
+
+    def delete_outcomes(self, keys: list[tuple[str, str]], before: datetime) -> Statement:
+        """Delete the outcome records of ``keys`` that are still older than ``before``.
+
+        By whole primary key: on MariaDB a range would lock, and wait for, the record of
+        a name begun again after a rollback and prepared now.
+        """
+        match = " OR ".join(["(name = %s AND outcome = %s)"] * len(keys))
+        return (
+            f"DELETE FROM {self.sql.quote_ident(OUTCOME_TABLE)} "
+            f"WHERE recorded_at < %s AND ({match})",
+            (before, *(part for key in keys for part in key)),
+        )
+
+    def count_outcomes(self, before: datetime) -> Statement:
+        """How many outcome records are older than ``before`` (column ``n``)."""
+        return (
+            f"SELECT count(*) AS n FROM {self.sql.quote_ident(OUTCOME_TABLE)} "
+            "WHERE recorded_at < %s",
+            (before,),
+        )
+
     @abstractmethod
     def list_prepared(self, prefix: str) -> Statement:
         """List prepared transactions; ``parse_prepared`` keeps twophase's own."""
