@@ -56,7 +56,8 @@ _BRANCH_NOT_REAPED = "a global transaction's branch: `twophase recover` finishes
 _ATTACHED_WAIT = 5.0
 
 
-# Keys per DELETE of prune_outcomes(): each is an index lookup the server plans and locks.
+# Keys per DELETE of prune_outcomes(): MariaDB plans a longer OR of keys much more slowly
+# (200,000 records: 11 s at 500 keys, 35 s at 2,000); PostgreSQL takes them as arrays.
 _DELETE_KEYS = 500
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -97,6 +98,17 @@ class PostgresDialect(Dialect):
             f"INSERT INTO {self._table} (name, outcome) VALUES (%s, 'rolled_back') "
             "ON CONFLICT DO NOTHING",
             (name.record,),
+        )
+
+    def delete_outcomes(self, keys: list[tuple[str, str]], before: datetime) -> Statement:
+        """Delete the outcome records of ``keys`` still older than ``before``: the keys as
+        two arrays joined to the primary key, which PostgreSQL plans in one go (an OR of
+        hundreds of key matches takes it longer to plan than to run)."""
+        return (
+            f"DELETE FROM {self._table} AS t "
+            "USING unnest(%s::text[], %s::text[]) AS k(name, outcome) "
+            "WHERE t.name = k.name AND t.outcome = k.outcome AND t.recorded_at < %s",
+            ([name for name, _ in keys], [outcome for _, outcome in keys], before),
         )
 
     def list_prepared(self, prefix: str) -> Statement:
