@@ -136,7 +136,7 @@ def check_claim_sql() -> str | None:
     return f"twophase's claim changed, so (b+) no longer mirrors it: {theirs!r}"
 
 
-def install_tracer_provider() -> str:
+def install_tracer_provider(sample: float = 1.0) -> str:
     """Install an OpenTelemetry SDK tracer provider globally, for (o); its description.
 
     A BatchSpanProcessor in front of an exporter that drops every batch: span creation,
@@ -156,10 +156,16 @@ def install_tracer_provider() -> str:
         def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    sampler = ParentBased(ALWAYS_ON if sample >= 1 else TraceIdRatioBased(sample))
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(Discard()))
     trace.set_tracer_provider(provider)
-    return "OpenTelemetry SDK TracerProvider + BatchSpanProcessor (defaults) + discarding exporter"
+    return (
+        "OpenTelemetry SDK TracerProvider + BatchSpanProcessor (defaults) + discarding exporter"
+        + ("" if sample >= 1 else f", sampling {sample:g} of traces (ParentBased(TraceIdRatio))")
+    )
 
 
 def row_id(client: int, seq: int) -> int:
@@ -1790,6 +1796,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="add (o): (c) with audit=True, tracing=True and an OpenTelemetry SDK; (o)/(c)",
     )
     p.add_argument(
+        "--sample",
+        type=float,
+        default=1.0,
+        metavar="RATIO",
+        help="the tracer provider samples this share of traces (default 1: every span, the\n"
+        "worst case); 0.1 is a common production setting",
+    )
+    p.add_argument(
         "--variants",
         default="a,b,c",
         help="which variants to run, of a,b,b+,c,o,oa,ot,cs (e.g. 'c' alone to profile it\n"
@@ -1863,8 +1877,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         slice=args.slice / 1000.0,
         schema=args.schema,
     )
+    if not 0 < args.sample <= 1:
+        print(f"tpc_overhead: --sample takes a ratio in (0, 1], got {args.sample}", file=sys.stderr)
+        return 2
     if {"o", "ot", "cs"} & set(plan.variants):
-        plan.tracer = install_tracer_provider()
+        plan.tracer = install_tracer_provider(args.sample)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
