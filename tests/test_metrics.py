@@ -518,6 +518,7 @@ def test_the_guides_name_real_metrics(dialect_name: str, registry: CollectorRegi
     named = set()
     for page in ("operations.md", "cli.md"):
         named |= set(re.findall(r"\btwophase_[a-z_]+\b", (docs / page).read_text()))
-    tables = {"twophase_outbox", "twophase_audit_log"}  # tables the runbook names
+    # Tables the guides name.
+    tables = {"twophase_outbox", "twophase_audit_log", "twophase_outcome", "twophase_decision"}
     assert named - tables, "the guides name no metric"
     assert named - tables <= exposed, sorted(named - tables - exposed)
