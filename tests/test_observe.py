@@ -286,6 +286,28 @@ def test_audit_keeps_any_text_and_loses_nothing_behind_it(url: str, txname: str)
     assert [h["step"] for h in second] == ["begin", "prepare", "rollback"]
 
 
+def test_an_event_the_database_refuses_is_dropped_alone(url: str) -> None:
+    """A batch holding an event the database cannot store (a name longer than its column,
+    which only a hand-made event can carry) is written event by event: the refused one is
+    dropped and counted, the rest are written, and later batches flow again."""
+    audit = AuditLog(url, flush_interval=0.05)
+    now = time.time()
+    cid = f"refusal-{time.time_ns()}"
+    names = ["before-refused", "x" * 100, "after-refused"]
+    try:
+        for name in names:
+            audit(Event(Step.COMMIT, name, Outcome.COMMITTED, now, 0.001, cid))
+        assert audit.flush(timeout=10)
+        assert audit.dropped == 1
+        audit(Event(Step.COMMIT, "later", Outcome.COMMITTED, now, 0.001, cid))
+        assert audit.flush(timeout=10)
+        written = [e["name"] for e in audit.history(correlation_id=cid)]
+    finally:
+        audit.close()
+    assert written == ["before-refused", "after-refused", "later"]
+    assert audit.dropped == 1
+
+
 def test_audit_outage_never_changes_the_outcome(url: str, table: str, txname: str) -> None:
     dead = AuditLog("postgresql://postgres@127.0.0.1:9/nowhere", flush_interval=0.05)
     with twophase.connect(url, observers=[dead]) as db:

@@ -117,6 +117,15 @@ class Backlog(Generic[T]):
             self._in_flight -= count
             self._cond.notify_all()
 
+    def drop(self, count: int) -> None:
+        """In the thread: ``count`` items of the batch taken could not be handled and are
+        given up (counted in ``dropped``)."""
+        with self._cond:
+            self.dropped += count
+            self._settled += count
+            self._in_flight -= count
+            self._cond.notify_all()
+
     def put_back(self, batch: list[T]) -> bool:
         """In the thread: return a batch that could not be handled, to the front, for the
         next :meth:`take`. False if the backlog closed meanwhile: then everything waiting

@@ -246,7 +246,8 @@ class AuditLog:
 
     @property
     def dropped(self) -> int:
-        """Events dropped because the queue overflowed while the database was unreachable."""
+        """Events dropped: the queue overflowed while the database was unreachable, or the
+        database refused the event itself (a value it cannot store; logged as an error)."""
         return self._backlog.dropped
 
     def __repr__(self) -> str:
@@ -300,12 +301,20 @@ class AuditLog:
         while (batch := backlog.take()) is not None:
             try:
                 self._write(batch)
+                backlog.done(len(batch))
+                batch = []
             except Exception as exc:
+                error: Exception | None = exc
+                if _refused(exc):
+                    # One event the database refuses must not hold back the others:
+                    # write them one by one and drop only what is refused.
+                    batch, error = self._write_each(batch)
+            if batch:
                 # Loud once per outage, quiet while it lasts.
                 if delay == self.flush_interval:
-                    log.warning("could not write %d audit events (%s); retrying", len(batch), exc)
+                    log.warning("could not write %d audit events (%s); retrying", len(batch), error)
                 else:
-                    log.debug("audit write failed again", exc_info=True)
+                    log.debug("audit write failed again: %s", error)
                 if not backlog.put_back(batch):
                     return  # close() gave up waiting: they are counted as lost, loudly
                 time.sleep(delay)
@@ -314,7 +323,27 @@ class AuditLog:
             if delay != self.flush_interval:
                 log.warning("audit log writable again")
             delay = self.flush_interval
-            backlog.done(len(batch))
+
+    def _write_each(self, events: list[Event]) -> tuple[list[Event], Exception | None]:
+        """Write ``events`` one at a time, dropping (counted, logged) each one the database
+        refuses; the events left unwritten when another error stops it, and that error."""
+        for i, event in enumerate(events):
+            try:
+                self._write([event])
+            except Exception as exc:
+                if not _refused(exc):
+                    return events[i:], exc
+                self._backlog.drop(1)
+                log.error(
+                    "the database refused the audit event %s %s %s, dropped: %s",
+                    event.step.value,
+                    event.name,
+                    event.outcome.value,
+                    exc,
+                )
+                continue
+            self._backlog.done(1)
+        return [], None
 
     def _write(self, events: list[Event]) -> None:
         with self._write_lock:
@@ -335,6 +364,26 @@ class AuditLog:
             db._ensure_tables("audit", sql.schema())
             self._db, self._sql = db, sql
         return self._db, self._sql
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the database refused the data itself (a value too long, a constraint), as
+    opposed to being unreachable: retrying the same rows cannot help."""
+    import psycopg
+
+    refusals: tuple[type[BaseException], ...] = (psycopg.DataError, psycopg.IntegrityError)
+    try:
+        import pymysql
+
+        refusals += (pymysql.err.DataError, pymysql.err.IntegrityError)
+    except ImportError:  # MariaDB support is an extra
+        pass
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, refusals):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _cut(text: str | None, limit: int) -> str | None:
