@@ -815,3 +815,34 @@ async def test_prune_outcomes_async(dialect_name):
             assert await db.status("old") is Status.UNKNOWN
         finally:
             await db.close()
+
+
+def test_prune_outcomes_never_waits_for_a_prepared_record_among_many(dialect_name):
+    """20,000 old records in the pages before and after a prepared transaction's: MariaDB
+    locks one record past any key range it scans, so deleting old records by range would
+    wait for the prepared one; by whole key it does not."""
+    from procs.outbox_env import isolated_database
+
+    with isolated_database(dialect_name) as scratch, twophase.connect(scratch) as db:
+        db.status("probe")  # creates the outcome table
+        if dialect_name == "postgresql":
+            db.execute(
+                "INSERT INTO twophase_outcome (name, outcome, recorded_at) "
+                "SELECT 'm-' || lpad(g::text, 6, '0'), 'committed', now() - interval '40 days' "
+                "FROM generate_series(1, 20000) g"
+            )
+        else:
+            db.execute(
+                "INSERT INTO twophase_outcome (name, outcome, recorded_at) "
+                "SELECT CONCAT('m-', LPAD(seq, 6, '0')), 'committed', NOW(6) - INTERVAL 40 DAY "
+                "FROM seq_1_to_20000"
+            )
+        # Sorts right after m-010000, inside a page of old records.
+        db.begin_distributed("m-010000a", lambda tx: tx.execute("SELECT 1"))
+        try:
+            started = time.monotonic()
+            assert db.prune_outcomes(timedelta(days=30), batch=5000) == 20000
+            assert time.monotonic() - started < 30
+            assert db.status("m-010000a") is Status.PREPARED
+        finally:
+            db.rollback_distributed("m-010000a")

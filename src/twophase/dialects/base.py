@@ -149,18 +149,20 @@ class Dialect(ABC):
             tuple(params),
         )
 
-    def delete_outcomes(self, keys: list[tuple[str, str]], before: datetime) -> Statement:
+    def delete_outcomes(
+        self, keys: list[tuple[str, str]], before: datetime
+    ) -> tuple[Statement, ...]:
         """Delete the outcome records of ``keys`` that are still older than ``before``.
 
-        By whole primary key: on MariaDB a range would lock, and wait for, the record of
-        a name begun again after a rollback and prepared now.
+        One statement per key, each a lookup of the whole primary key: MariaDB scans any
+        range, even an OR of exact keys, one record past its end, locking it, and waits
+        when that record belongs to a prepared transaction.
         """
-        match = " OR ".join(["(name = %s AND outcome = %s)"] * len(keys))
-        return (
+        sql = (
             f"DELETE FROM {self.sql.quote_ident(OUTCOME_TABLE)} "
-            f"WHERE recorded_at < %s AND ({match})",
-            (before, *(part for key in keys for part in key)),
+            "WHERE name = %s AND outcome = %s AND recorded_at < %s"
         )
+        return tuple((sql, (name, outcome, before)) for name, outcome in keys)
 
     def count_outcomes(self, before: datetime) -> Statement:
         """How many outcome records are older than ``before`` (column ``n``)."""

@@ -100,15 +100,18 @@ class PostgresDialect(Dialect):
             (name.record,),
         )
 
-    def delete_outcomes(self, keys: list[tuple[str, str]], before: datetime) -> Statement:
-        """Delete the outcome records of ``keys`` still older than ``before``: the keys as
-        two arrays joined to the primary key, which PostgreSQL plans in one go (an OR of
-        hundreds of key matches takes it longer to plan than to run)."""
+    def delete_outcomes(
+        self, keys: list[tuple[str, str]], before: datetime
+    ) -> tuple[Statement, ...]:
+        """One statement: the keys as two arrays joined to the primary key. A plain
+        DELETE neither sees nor waits for a prepared transaction's uncommitted record."""
         return (
-            f"DELETE FROM {self._table} AS t "
-            "USING unnest(%s::text[], %s::text[]) AS k(name, outcome) "
-            "WHERE t.name = k.name AND t.outcome = k.outcome AND t.recorded_at < %s",
-            ([name for name, _ in keys], [outcome for _, outcome in keys], before),
+            (
+                f"DELETE FROM {self._table} AS t "
+                "USING unnest(%s::text[], %s::text[]) AS k(name, outcome) "
+                "WHERE t.name = k.name AND t.outcome = k.outcome AND t.recorded_at < %s",
+                ([name for name, _ in keys], [outcome for _, outcome in keys], before),
+            ),
         )
 
     def list_prepared(self, prefix: str) -> Statement:
