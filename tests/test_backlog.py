@@ -79,14 +79,17 @@ def test_a_full_queue_drops_the_oldest_and_counts_them() -> None:
     c.backlog.close(timeout=5)
 
 
-def test_items_put_after_idle_are_picked_up_without_a_wake_up() -> None:
-    c = Consumer(gather=0.02)
-    c.backlog.put(1)
-    assert c.backlog.flush(timeout=5)
-    time.sleep(0.1)  # the thread idles, looking every 0.02 s
-    c.backlog.put(2)
-    deadline = time.monotonic() + 2
-    while c.seen != [1, 2] and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert c.seen == [1, 2]
+def test_an_idle_thread_is_woken_by_the_next_item_every_time() -> None:
+    """The thread sleeps on an empty queue; each item put then must wake it at once (a
+    lost wake-up would show as a wait of the 1 s safety net)."""
+    c = Consumer(gather=0.005)
+    for i in range(60):
+        if i % 3 == 0:
+            time.sleep(0.02)  # let the thread fall asleep on an empty queue
+        c.backlog.put(i)
+        deadline = time.monotonic() + 0.5
+        while i not in c.seen:
+            assert time.monotonic() < deadline, f"item {i} waited for the safety net"
+            time.sleep(0.001)
+    assert c.seen == list(range(60))
     c.backlog.close(timeout=5)

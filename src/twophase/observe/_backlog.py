@@ -3,8 +3,9 @@ the span maker share.
 
 Callers :meth:`~Backlog.put` items: an append to a deque, no lock, since every step of
 every transaction does it and a lock shared by many client threads costs several times the
-append once they contend for it. The thread starts with the first item; it looks for items
-every ``gather`` seconds rather than being woken for each. Its loop calls
+append once they contend for it. The thread starts with the first item. A caller wakes it
+(taking the lock) only when it sleeps on an empty queue; while items keep coming it
+gathers them on its own schedule. Its loop calls
 :meth:`~Backlog.take` for each batch and :meth:`~Backlog.done` once it is handled. A batch is
 gathered for up to ``gather`` seconds after the previous one was taken, unless ``max_batch``
 items wait, someone flushes or the backlog closes: handling items as soon as they come would
@@ -26,6 +27,10 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+# An idle thread also looks for items this often, as a safety net: it is woken anyway.
+_IDLE_CHECK = 1.0
 
 
 class Backlog(Generic[T]):
@@ -64,6 +69,10 @@ class Backlog(Generic[T]):
         self._flushing = 0  # callers of flush() waiting: the thread does not gather
         self._last_take = -float("inf")
         self._thread: threading.Thread | None = None
+        # Set by the thread, under the lock, before it looks at an empty queue and sleeps:
+        # a put that then reads it True wakes the thread; one that reads it False appended
+        # before the thread looked, so the thread sees its item.
+        self._idle = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -73,7 +82,7 @@ class Backlog(Generic[T]):
         items = self._items
         items.append(item)  # atomic: deque.append holds the interpreter lock
         n = len(items)
-        if n >= self.max_batch or n > self.max_queue or self._thread is None:
+        if self._idle or n >= self.max_batch or n > self.max_queue or self._thread is None:
             self._put_slowly()
 
     def _put_slowly(self) -> None:
@@ -88,15 +97,17 @@ class Backlog(Generic[T]):
                     self._on_start()
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
-            elif len(items) >= self.max_batch:
+            elif self._idle or len(items) >= self.max_batch:
                 self._cond.notify_all()
 
     def take(self) -> list[T] | None:
         """In the thread: the next batch, once gathered; None once closed and empty."""
         with self._cond:
             items = self._items
+            self._idle = True
             while not items and not self.closed:
-                self._cond.wait(self.gather)  # puts do not notify: look again
+                self._cond.wait(_IDLE_CHECK)
+            self._idle = False
             until = self._last_take + self.gather
             while not (self.closed or self._flushing or len(items) >= self.max_batch):
                 left = until - time.monotonic()
