@@ -589,16 +589,7 @@ def prune_history_command(
     """
     db = open_db(ctx)
     count = db.prune_history(older_than, dry_run=dry_run, batch=batch)
-    if as_json:
-        key = "would_delete" if dry_run else "deleted"
-        emit_json(
-            {"dry_run": dry_run, "older_than_seconds": older_than.total_seconds(), key: count}
-        )
-        return
-    verb = "would delete" if dry_run else "deleted"
-    make_console().print(
-        f"{verb} {count} audit events older than {format_sla(older_than)} in {_where(db)}"
-    )
+    report_prune(db, "audit events", count, older_than, dry_run, as_json)
 
 
 @cli.command("prune-outcomes")
@@ -628,6 +619,13 @@ def prune_outcomes_command(
     """
     db = open_db(ctx)
     count = db.prune_outcomes(older_than, dry_run=dry_run, batch=batch)
+    report_prune(db, "outcome records", count, older_than, dry_run, as_json)
+
+
+def report_prune(
+    db: Database, what: str, count: int, older_than: timedelta, dry_run: bool, as_json: bool
+) -> None:
+    """How many ``what`` a prune deleted (or would have): JSON or a sentence."""
     if as_json:
         key = "would_delete" if dry_run else "deleted"
         emit_json(
@@ -636,7 +634,7 @@ def prune_outcomes_command(
         return
     verb = "would delete" if dry_run else "deleted"
     make_console().print(
-        f"{verb} {count} outcome records older than {format_sla(older_than)} in {_where(db)}"
+        f"{verb} {count} {what} older than {format_sla(older_than)} in {_where(db)}"
     )
 
 

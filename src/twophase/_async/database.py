@@ -490,48 +490,24 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         the pruning: the policy must grant ``prune`` on the name ``*``. The pruning itself
         is recorded as an event, so the trail says who cut it.
         """
-        if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
-            raise ValueError(
-                f"older_than must be a positive datetime.timedelta, got {older_than!r}"
-            )
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        self._refuse_nesting("prune_history()")
-        cid = self._authorize("prune", None)
-        started = time.time()
-        before = datetime.now(UTC) - older_than
         sql = AuditSQL(self.dialect)
-        await self._ensure_tables("audit", sql.schema())
-        if dry_run:
-            rows = await self._autocommit(*sql.count_before(before))
-            return int(rows[0]["n"])
-        total = 0
-        try:
+
+        async def ready() -> None:
+            await self._ensure_tables("audit", sql.schema())
+
+        async def count(before: datetime) -> int:
+            return int((await self._autocommit(*sql.count_before(before)))[0]["n"])
+
+        async def deletions(before: datetime) -> AsyncIterator[int]:
             while True:
                 deleted = (await self._autocommit(*sql.prune(before, batch))).rowcount
-                total += deleted
+                yield deleted
                 if deleted < batch:
-                    break
-        except BaseException as exc:
-            self._events.emit(
-                Step.PRUNE,
-                "*",
-                Outcome.FAILED,
-                started,
-                correlation_id=cid,
-                detail=f"{total} audit events deleted before: {type(exc).__name__}: {exc}",
-                error=exc,
-            )
-            raise
-        self._events.emit(
-            Step.PRUNE,
-            "*",
-            Outcome.OK,
-            started,
-            correlation_id=cid,
-            detail=f"{total} audit events older than {before.isoformat()} deleted",
+                    return
+
+        return await self._prune(
+            "prune_history()", "audit events", older_than, dry_run, batch, ready, count, deletions
         )
-        return total
 
     async def prune_outcomes(
         self, older_than: timedelta, *, dry_run: bool = False, batch: int = 5_000
@@ -547,35 +523,65 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         deleting the old ones by key in short statements. Every namespace's records: the
         policy must grant ``prune`` on ``*``. The pruning is recorded as an event.
         """
+        dialect = self.dialect
+
+        async def count(before: datetime) -> int:
+            return int((await self._autocommit(*dialect.count_outcomes(before)))[0]["n"])
+
+        async def deletions(before: datetime) -> AsyncIterator[int]:
+            after: tuple[str, str] | None = None
+            while True:
+                page = await self._autocommit(*dialect.outcome_page(after, batch, before))
+                old = [(row["name"], row["outcome"]) for row in page if row["old"]]
+                for i in range(0, len(old), _DELETE_KEYS):
+                    for stmt in dialect.delete_outcomes(old[i : i + _DELETE_KEYS], before):
+                        yield (await self._autocommit(*stmt)).rowcount
+                if len(page) < batch:
+                    return
+                after = (page[-1]["name"], page[-1]["outcome"])
+
+        return await self._prune(
+            "prune_outcomes()",
+            "outcome records",
+            older_than,
+            dry_run,
+            batch,
+            self._ensure_ready,
+            count,
+            deletions,
+        )
+
+    async def _prune(
+        self,
+        call: str,
+        what: str,
+        older_than: timedelta,
+        dry_run: bool,
+        batch: int,
+        ready: Callable[[], Awaitable[None]],
+        count: Callable[[datetime], Awaitable[int]],
+        deletions: Callable[[datetime], AsyncIterator[int]],
+    ) -> int:
+        """What the prunes share: the arguments checked before anything, the policy's
+        ``prune`` on ``*``, a dry run that counts, and one event saying how many ``what``
+        were deleted (also when it failed midway)."""
         if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
             raise ValueError(
                 f"older_than must be a positive datetime.timedelta, got {older_than!r}"
             )
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
-        self._refuse_nesting("prune_outcomes()")
+        self._refuse_nesting(call)
         cid = self._authorize("prune", None)
         started = time.time()
         before = datetime.now(UTC) - older_than
-        dialect = self.dialect
-        await self._ensure_ready()
+        await ready()
         if dry_run:
-            rows = await self._autocommit(*dialect.count_outcomes(before))
-            return int(rows[0]["n"])
+            return await count(before)
         total = 0
-        after: tuple[str, str] | None = None
         try:
-            while True:
-                page = await self._autocommit(*dialect.outcome_page(after, batch, before))
-                if not page:
-                    break
-                old = [(row["name"], row["outcome"]) for row in page if row["old"]]
-                for i in range(0, len(old), _DELETE_KEYS):
-                    for stmt in dialect.delete_outcomes(old[i : i + _DELETE_KEYS], before):
-                        total += (await self._autocommit(*stmt)).rowcount
-                if len(page) < batch:
-                    break
-                after = (page[-1]["name"], page[-1]["outcome"])
+            async for deleted in deletions(before):
+                total += deleted
         except BaseException as exc:
             self._events.emit(
                 Step.PRUNE,
@@ -583,7 +589,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
                 Outcome.FAILED,
                 started,
                 correlation_id=cid,
-                detail=f"{total} outcome records deleted before: {type(exc).__name__}: {exc}",
+                detail=f"{total} {what} deleted before: {type(exc).__name__}: {exc}",
                 error=exc,
             )
             raise
@@ -593,7 +599,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
             Outcome.OK,
             started,
             correlation_id=cid,
-            detail=f"{total} outcome records older than {before.isoformat()} deleted",
+            detail=f"{total} {what} older than {before.isoformat()} deleted",
         )
         return total
 

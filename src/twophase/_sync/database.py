@@ -492,48 +492,24 @@ class Database(QueryMethods[Rows, Row | None]):
         the pruning: the policy must grant ``prune`` on the name ``*``. The pruning itself
         is recorded as an event, so the trail says who cut it.
         """
-        if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
-            raise ValueError(
-                f"older_than must be a positive datetime.timedelta, got {older_than!r}"
-            )
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        self._refuse_nesting("prune_history()")
-        cid = self._authorize("prune", None)
-        started = time.time()
-        before = datetime.now(UTC) - older_than
         sql = AuditSQL(self.dialect)
-        self._ensure_tables("audit", sql.schema())
-        if dry_run:
-            rows = self._autocommit(*sql.count_before(before))
-            return int(rows[0]["n"])
-        total = 0
-        try:
+
+        def ready() -> None:
+            self._ensure_tables("audit", sql.schema())
+
+        def count(before: datetime) -> int:
+            return int((self._autocommit(*sql.count_before(before)))[0]["n"])
+
+        def deletions(before: datetime) -> Iterator[int]:
             while True:
                 deleted = (self._autocommit(*sql.prune(before, batch))).rowcount
-                total += deleted
+                yield deleted
                 if deleted < batch:
-                    break
-        except BaseException as exc:
-            self._events.emit(
-                Step.PRUNE,
-                "*",
-                Outcome.FAILED,
-                started,
-                correlation_id=cid,
-                detail=f"{total} audit events deleted before: {type(exc).__name__}: {exc}",
-                error=exc,
-            )
-            raise
-        self._events.emit(
-            Step.PRUNE,
-            "*",
-            Outcome.OK,
-            started,
-            correlation_id=cid,
-            detail=f"{total} audit events older than {before.isoformat()} deleted",
+                    return
+
+        return self._prune(
+            "prune_history()", "audit events", older_than, dry_run, batch, ready, count, deletions
         )
-        return total
 
     def prune_outcomes(
         self, older_than: timedelta, *, dry_run: bool = False, batch: int = 5_000
@@ -549,35 +525,65 @@ class Database(QueryMethods[Rows, Row | None]):
         deleting the old ones by key in short statements. Every namespace's records: the
         policy must grant ``prune`` on ``*``. The pruning is recorded as an event.
         """
+        dialect = self.dialect
+
+        def count(before: datetime) -> int:
+            return int((self._autocommit(*dialect.count_outcomes(before)))[0]["n"])
+
+        def deletions(before: datetime) -> Iterator[int]:
+            after: tuple[str, str] | None = None
+            while True:
+                page = self._autocommit(*dialect.outcome_page(after, batch, before))
+                old = [(row["name"], row["outcome"]) for row in page if row["old"]]
+                for i in range(0, len(old), _DELETE_KEYS):
+                    for stmt in dialect.delete_outcomes(old[i : i + _DELETE_KEYS], before):
+                        yield (self._autocommit(*stmt)).rowcount
+                if len(page) < batch:
+                    return
+                after = (page[-1]["name"], page[-1]["outcome"])
+
+        return self._prune(
+            "prune_outcomes()",
+            "outcome records",
+            older_than,
+            dry_run,
+            batch,
+            self._ensure_ready,
+            count,
+            deletions,
+        )
+
+    def _prune(
+        self,
+        call: str,
+        what: str,
+        older_than: timedelta,
+        dry_run: bool,
+        batch: int,
+        ready: Callable[[], None],
+        count: Callable[[datetime], int],
+        deletions: Callable[[datetime], Iterator[int]],
+    ) -> int:
+        """What the prunes share: the arguments checked before anything, the policy's
+        ``prune`` on ``*``, a dry run that counts, and one event saying how many ``what``
+        were deleted (also when it failed midway)."""
         if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
             raise ValueError(
                 f"older_than must be a positive datetime.timedelta, got {older_than!r}"
             )
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
-        self._refuse_nesting("prune_outcomes()")
+        self._refuse_nesting(call)
         cid = self._authorize("prune", None)
         started = time.time()
         before = datetime.now(UTC) - older_than
-        dialect = self.dialect
-        self._ensure_ready()
+        ready()
         if dry_run:
-            rows = self._autocommit(*dialect.count_outcomes(before))
-            return int(rows[0]["n"])
+            return count(before)
         total = 0
-        after: tuple[str, str] | None = None
         try:
-            while True:
-                page = self._autocommit(*dialect.outcome_page(after, batch, before))
-                if not page:
-                    break
-                old = [(row["name"], row["outcome"]) for row in page if row["old"]]
-                for i in range(0, len(old), _DELETE_KEYS):
-                    for stmt in dialect.delete_outcomes(old[i : i + _DELETE_KEYS], before):
-                        total += (self._autocommit(*stmt)).rowcount
-                if len(page) < batch:
-                    break
-                after = (page[-1]["name"], page[-1]["outcome"])
+            for deleted in deletions(before):
+                total += deleted
         except BaseException as exc:
             self._events.emit(
                 Step.PRUNE,
@@ -585,7 +591,7 @@ class Database(QueryMethods[Rows, Row | None]):
                 Outcome.FAILED,
                 started,
                 correlation_id=cid,
-                detail=f"{total} outcome records deleted before: {type(exc).__name__}: {exc}",
+                detail=f"{total} {what} deleted before: {type(exc).__name__}: {exc}",
                 error=exc,
             )
             raise
@@ -595,7 +601,7 @@ class Database(QueryMethods[Rows, Row | None]):
             Outcome.OK,
             started,
             correlation_id=cid,
-            detail=f"{total} outcome records older than {before.isoformat()} deleted",
+            detail=f"{total} {what} older than {before.isoformat()} deleted",
         )
         return total
 
