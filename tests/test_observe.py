@@ -155,6 +155,71 @@ def test_background_spans_are_exported_at_exit_without_a_flush() -> None:
     assert out.stdout.split() == ["twophase.commit"] * 500, out.stderr
 
 
+def test_close_waits_for_the_spans_of_every_step(url: str, txname: str, spans: Any) -> None:
+    provider, exporter = spans
+    tracing = Tracing(provider)  # shared: flushed by each database's close, not closed
+    for n in range(2):
+        db = twophase.connect(url, observers=[tracing])
+        db.begin_distributed(f"{txname}-{n}", lambda tx: tx.execute("SELECT 1"))
+        db.commit_distributed(f"{txname}-{n}")
+        db.close()
+        assert len(by_name(exporter.get_finished_spans())) == 3 * (n + 1)
+    tracing.close()
+    tracing.close()  # twice is fine
+    # After close, spans are made in the caller's thread.
+    tracing(Event(Step.COMMIT, "late", Outcome.COMMITTED, time.time(), 0.0, "c"))
+    assert by_name(exporter.get_finished_spans())[-1] == "twophase.commit"
+
+
+async def test_async_close_waits_for_the_spans_of_every_step(
+    url: str, txname: str, spans: Any
+) -> None:
+    provider, exporter = spans
+    db = await twophase.connect_async(url, observers=[Tracing(provider)])
+    await db.begin_distributed(txname, lambda tx: tx.execute("SELECT 1"))
+    await db.rollback_distributed(txname)
+    await db.close()
+    assert by_name(exporter.get_finished_spans()) == [
+        "twophase.begin",
+        "twophase.prepare",
+        "twophase.rollback",
+    ]
+
+
+_OWNED_TRACING = """
+import sys, threading
+import twophase
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+url, name = sys.argv[1], sys.argv[2]
+db = twophase.connect(url, tracing=True)
+db.begin_distributed(name, lambda tx: tx.execute("SELECT 1"))
+db.commit_distributed(name)
+db.close()
+threads = [t.name for t in threading.enumerate() if t.name == "twophase-tracing"]
+print(len(exporter.get_finished_spans()), threads, flush=True)
+"""
+
+
+def test_close_stops_the_tracing_that_connect_made(url: str, txname: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _OWNED_TRACING, url, txname],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    # Every span made by close(), before exit; the span thread gone with the database.
+    assert out.stdout.split() == ["3", "[]"], out.stderr
+
+
 def test_tracing_queue_is_bounded_and_drops_the_oldest() -> None:
     import threading
 
@@ -310,14 +375,16 @@ def test_an_event_the_database_refuses_is_dropped_alone(url: str) -> None:
 
 def test_audit_outage_never_changes_the_outcome(url: str, table: str, txname: str) -> None:
     dead = AuditLog("postgresql://postgres@127.0.0.1:9/nowhere", flush_interval=0.05)
-    with twophase.connect(url, observers=[dead]) as db:
-        db.begin_distributed(txname, lambda tx: tx.insert_into(table).values(id=1).execute())
-        db.commit_distributed(txname)
-        assert db.status(txname) is Status.COMMITTED
-        assert list(db.select_from(table).execute()) == [{"id": 1, "status": None}]
-        assert dead.flush(timeout=0.2) is False  # still trying, in the background
-        # Given up on before the database's close(), which would wait 10 s for it to flush.
-        dead.close(timeout=0.1)
+    db = twophase.connect(url, observers=[dead])
+    db.begin_distributed(txname, lambda tx: tx.insert_into(table).values(id=1).execute())
+    db.commit_distributed(txname)
+    assert db.status(txname) is Status.COMMITTED
+    assert list(db.select_from(table).execute()) == [{"id": 1, "status": None}]
+    assert dead.flush(timeout=0.2) is False  # still trying, in the background
+    started = time.monotonic()
+    db.close(timeout=0.3)  # waits that long for the log, not the default 10 s
+    assert time.monotonic() - started < 3
+    dead.close(timeout=0.1)
 
 
 def test_synchronous_audit_is_written_before_the_step_returns(url: str, txname: str) -> None:

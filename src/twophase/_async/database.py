@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from ..idempotency import RetrySQL
 from ..names import TxName, validate_namespace
 from ..observe.audit import AuditLog, AuditSQL, normalize_rows
 from ..observe.events import Emitter, Outcome, Step, current_correlation_id, current_principal
+from ..observe.tracing import Tracing
 from ..outbox import OutboxSQL, check_topic, encode_payload
 from ..policy import Policy
 from ..protocol import (
@@ -356,7 +358,7 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         principal: str | None = None,
         policy: Policy | None = None,
         events: Emitter | None = None,
-        owned: Sequence[AuditLog] = (),
+        owned: Sequence[AuditLog | Tracing] = (),
     ) -> None:
         self._pool = pool
         self.dialect = dialect
@@ -374,7 +376,8 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
         self._events = events or Emitter((), label=database, principal=principal)
         #: The principal used when ``twophase.context(principal=...)`` sets none.
         self.principal = principal
-        self._owned = tuple(owned)  # made by connect(audit=True): closed with this database
+        # Made by connect(audit=True, tracing=True): closed with this database.
+        self._owned = tuple(owned)
 
     def __repr__(self) -> str:
         ns = f" namespace={self.namespace!r}" if self.namespace else ""
@@ -386,12 +389,17 @@ class AsyncDatabase(QueryMethods[Awaitable[Rows], Awaitable[Row | None]]):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Close every pooled connection (and flush the audit log). Prepared transactions
-        stay prepared."""
-        for audit in self._audit_logs():
-            # One given by the caller may serve other databases too: flush, do not close.
-            await _acompat.to_thread(audit.close if audit in self._owned else audit.flush)
+    async def close(self, timeout: float = 10.0) -> None:
+        """Close every pooled connection, after waiting up to ``timeout`` seconds in all
+        for the audit log and tracing to write what they hold. Prepared transactions stay
+        prepared."""
+        end = time.monotonic() + timeout
+        for ob in self._events.observers:
+            if isinstance(ob, AuditLog | Tracing):
+                left = max(0.0, end - time.monotonic())
+                # One given by the caller may serve other databases too: flush, do not close.
+                finish = ob.close if ob in self._owned else ob.flush
+                await _acompat.to_thread(functools.partial(finish, left))
         await self._pool.close()
 
     @property

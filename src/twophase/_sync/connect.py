@@ -66,14 +66,15 @@ def connect(
         resolved = _compat.to_thread(ensure_server)
     parsed = parse_url(resolved)
     chain: list[Observer] = []
-    owned: list[AuditLog] = []
+    owned: list[AuditLog | Tracing] = []
     if isinstance(audit, AuditLog):
         chain.append(audit)
     elif audit:
         owned.append(AuditLog(resolved))
-        chain.append(owned[0])
+        chain.append(owned[-1])
     if tracing:
-        chain.append(Tracing())
+        owned.append(Tracing())
+        chain.append(owned[-1])
     chain.extend(observers)
     events = Emitter(chain, label=label or parsed.database, principal=principal)
     dialect: Dialect

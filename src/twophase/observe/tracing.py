@@ -99,6 +99,17 @@ class Tracing:
         """Wait until the spans of every step so far are made; False on timeout."""
         return self._backlog.flush(timeout)
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush, then stop the background thread; later steps' spans are made in the
+        caller's thread. Closing twice does nothing."""
+        if self._backlog.closed:
+            return
+        self.background = False
+        if not self.flush(timeout):
+            log.warning("closing tracing with %d spans not made", len(self._backlog))
+        self._backlog.close(timeout)
+        _OPEN.discard(self)
+
     def _run(self) -> None:
         backlog = self._backlog
         while (batch := backlog.take()) is not None:
