@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -175,11 +176,38 @@ async def test_async_close_waits_for_the_spans_of_every_step(
     url: str, txname: str, spans: Any
 ) -> None:
     provider, exporter = spans
-    db = await twophase.connect_async(url, observers=[Tracing(provider)])
+    db = await twophase.connect_async(url, observers=[Tracing(provider, background=True)])
     await db.begin_distributed(txname, lambda tx: tx.execute("SELECT 1"))
     await db.rollback_distributed(txname)
     await db.close()
     assert by_name(exporter.get_finished_spans()) == [
+        "twophase.begin",
+        "twophase.prepare",
+        "twophase.rollback",
+    ]
+
+
+async def test_under_asyncio_spans_are_made_in_the_loop(url: str, txname: str, spans: Any) -> None:
+    # A span thread would only take turns with the event loop for the interpreter lock.
+    provider, exporter = spans
+    tracing = Tracing(provider)
+    db = await twophase.connect_async(url, observers=[tracing])
+    try:
+        await db.begin_distributed(txname, lambda tx: tx.execute("SELECT 1"))
+        # Made as each step ended: no flush, no thread.
+        assert by_name(exporter.get_finished_spans()) == ["twophase.begin", "twophase.prepare"]
+        await db.commit_distributed(txname)
+        assert by_name(exporter.get_finished_spans())[-1] == "twophase.commit"
+        assert tracing._backlog._thread is None
+    finally:
+        await db.close()
+    # The same Tracing used from plain threads makes its spans on its own thread.
+    with twophase.connect(url, observers=[tracing]) as sdb:
+        await asyncio.to_thread(sdb.status, txname)
+        await asyncio.to_thread(sdb.begin_distributed, f"{txname}-t", lambda tx: None)
+        await asyncio.to_thread(sdb.rollback_distributed, f"{txname}-t")
+    assert tracing._backlog._thread is not None
+    assert by_name(exporter.get_finished_spans())[-3:] == [
         "twophase.begin",
         "twophase.prepare",
         "twophase.rollback",
