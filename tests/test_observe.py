@@ -280,6 +280,39 @@ def test_tracing_queue_is_bounded_and_drops_the_oldest() -> None:
         Tracing(max_queue=0)
 
 
+def test_callers_make_their_own_spans_while_the_thread_is_behind() -> None:
+    import threading
+
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    release = threading.Event()
+    made_by: list[str] = []
+
+    class SlowThread(SpanProcessor):
+        """Holds the tracing thread on its first span, as a starved thread would be."""
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            if threading.current_thread().name == "twophase-tracing":
+                release.wait(30)
+
+        def on_end(self, span: Any) -> None:
+            made_by.append(threading.current_thread().name)
+
+    provider = TracerProvider()
+    provider.add_span_processor(SlowThread())
+    tracing = Tracing(provider)
+    for i in range(3000):
+        tracing(Event(Step.COMMIT, f"n{i}", Outcome.COMMITTED, time.time(), 0.0, "c"))
+    # The thread holds at most one batch (1,024) and 1,024 more wait for it: the caller
+    # made every span beyond that itself, at once.
+    inline = made_by.count(threading.current_thread().name)
+    assert inline >= 3000 - 2 * 1024
+    release.set()
+    assert tracing.flush()
+    assert len(made_by) == 3000 and tracing.dropped == 0
+    tracing.close()
+
+
 def test_tracing_is_a_noop_without_opentelemetry() -> None:
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"

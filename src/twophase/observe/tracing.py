@@ -11,10 +11,13 @@ nothing depends on when. Building a span in the OpenTelemetry SDK costs tens of
 microseconds of Python, several times what the step's own Python costs. In threads a
 background thread makes them, in batches, from the events and the caller's context
 captured when each step ended: the caller pays about one microsecond per step, and the
-spans arrive a few tens of milliseconds later (``flush()`` waits for them). Under asyncio
-each span is made in the event loop as its step ends: a second thread there can only take
-turns with the loop for the interpreter lock, and measured 15 % fewer transactions a
-second than making the spans in the loop. ``background=True`` or ``False`` forces one way.
+spans arrive a few tens of milliseconds later (``flush()`` waits for them). That thread
+helps while the process has time to spare (callers waiting for the database); in a busy
+process it gets the interpreter lock only in turns and can fall behind, and then each
+caller makes its own span until it catches up, so spans are never late by more than two
+batches nor dropped under a sustained load. Under asyncio each span is made in the
+event loop as its step ends, for the same reason: a second thread there can only take
+turns with the loop. ``background=True`` or ``False`` forces one way.
 """
 
 from __future__ import annotations
@@ -46,14 +49,19 @@ _CHUNK = 4
 _running_loop = asyncio._get_running_loop
 _GATHER = 0.05  # seconds the thread gathers steps before making their spans
 _BATCH = 1024
+# With this many steps waiting (another batch is in the thread's hands) the thread is
+# behind: it gets the interpreter lock only in turns with busy callers, so each caller
+# makes its own span until it catches up.
+_BEHIND = _BATCH
 
 
 class Tracing:
     """An observer that turns events into spans (``tracer_provider``: default global).
 
     ``background``: None (the default) makes spans on a background thread, except in a
-    thread running an asyncio event loop, where each is made as its step ends; True always
-    uses the thread; False always makes them in the caller's thread.
+    thread running an asyncio event loop and while the thread is behind, where each is made
+    as its step ends; True always uses the thread; False always makes them in the caller's
+    thread.
     ``max_queue`` bounds the events waiting for the background thread; beyond it the
     oldest are dropped (counted in ``dropped``), so tracing never grows memory without end.
     """
@@ -77,6 +85,7 @@ class Tracing:
             max_queue=max_queue,
             on_start=lambda: _at_exit(self),
         )
+        self._waiting = self._backlog._items
         try:
             from opentelemetry import context, trace
         except ImportError:
@@ -103,7 +112,7 @@ class Tracing:
             return
         background = self.background
         if background is None:
-            background = _running_loop() is None
+            background = _running_loop() is None and len(self._waiting) < _BEHIND
         if background:
             self._backlog.put((event, self._current()))
         else:
