@@ -313,6 +313,17 @@ def test_callers_make_their_own_spans_while_the_thread_is_behind() -> None:
     tracing.close()
 
 
+def test_a_starved_span_thread_hands_spans_back_to_busy_callers() -> None:
+    from twophase.observe.tracing import starved
+
+    # Mostly waiting for the interpreter lock: busy callers make their own spans a while.
+    assert starved(64, wall=0.010, cpu=0.002)
+    # The thread ran when callers waited for the database: keep it.
+    assert not starved(64, wall=0.010, cpu=0.008)
+    # Too few spans to judge by.
+    assert not starved(4, wall=0.010, cpu=0.001)
+
+
 def test_tracing_is_a_noop_without_opentelemetry() -> None:
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"

@@ -13,11 +13,13 @@ background thread makes them, in batches, from the events and the caller's conte
 captured when each step ended: the caller pays about one microsecond per step, and the
 spans arrive a few tens of milliseconds later (``flush()`` waits for them). That thread
 helps while the process has time to spare (callers waiting for the database); in a busy
-process it gets the interpreter lock only in turns and can fall behind, and then each
-caller makes its own span until it catches up, so spans are never late by more than two
-batches nor dropped under a sustained load. Under asyncio each span is made in the
-event loop as its step ends, for the same reason: a second thread there can only take
-turns with the loop. ``background=True`` or ``False`` forces one way.
+process it gets the interpreter lock only in turns. So when a batch took it three times
+its CPU time, callers make their own spans for the next second, and when it falls behind
+(a batch in its hands, another waiting) each caller makes its own span until it catches
+up: spans are never late by more than two batches nor dropped under a sustained load.
+Under asyncio each span is made in the event loop as its step ends, for the same reason:
+a second thread there can only take turns with the loop. ``background=True`` or
+``False`` forces one way.
 """
 
 from __future__ import annotations
@@ -53,15 +55,27 @@ _BATCH = 1024
 # behind: it gets the interpreter lock only in turns with busy callers, so each caller
 # makes its own span until it catches up.
 _BEHIND = _BATCH
+# A batch whose spans took the thread this many times their CPU time in wall time was
+# mostly spent waiting for the interpreter lock: the callers are busy, and making their
+# own spans for a while is cheaper than handing each to a thread that only gets turns.
+_STARVED = 3.0
+_INLINE_FOR = 1.0  # seconds; then a batch on the thread measures again
+_JUDGED = 16  # spans a batch needs before its timing says anything
+
+
+def starved(spans: int, wall: float, cpu: float) -> bool:
+    """Whether a batch of ``spans`` that took ``wall`` seconds and ``cpu`` seconds of the
+    thread's CPU shows a thread starved of the interpreter lock."""
+    return spans >= _JUDGED and wall > _STARVED * cpu
 
 
 class Tracing:
     """An observer that turns events into spans (``tracer_provider``: default global).
 
     ``background``: None (the default) makes spans on a background thread, except in a
-    thread running an asyncio event loop and while the thread is behind, where each is made
-    as its step ends; True always uses the thread; False always makes them in the caller's
-    thread.
+    thread running an asyncio event loop and while the thread is starved or behind, where
+    each is made as its step ends; True always uses the thread; False always makes them in
+    the caller's thread.
     ``max_queue`` bounds the events waiting for the background thread; beyond it the
     oldest are dropped (counted in ``dropped``), so tracing never grows memory without end.
     """
@@ -86,6 +100,7 @@ class Tracing:
             on_start=lambda: _at_exit(self),
         )
         self._waiting = self._backlog._items
+        self._inline_until = 0.0
         try:
             from opentelemetry import context, trace
         except ImportError:
@@ -112,7 +127,11 @@ class Tracing:
             return
         background = self.background
         if background is None:
-            background = _running_loop() is None and len(self._waiting) < _BEHIND
+            background = (
+                _running_loop() is None
+                and len(self._waiting) < _BEHIND
+                and time.monotonic() >= self._inline_until
+            )
         if background:
             self._backlog.put((event, self._current()))
         else:
@@ -136,6 +155,7 @@ class Tracing:
     def _run(self) -> None:
         backlog = self._backlog
         while (batch := backlog.take()) is not None:
+            wall, cpu = time.monotonic(), time.thread_time()
             for i in range(0, len(batch), _CHUNK):
                 chunk = batch[i : i + _CHUNK]
                 for event, ctx in chunk:
@@ -145,6 +165,8 @@ class Tracing:
                         log.warning("could not make the span of %s", event.step, exc_info=True)
                 backlog.done(len(chunk))
                 time.sleep(0)  # let a caller waiting for the GIL have it
+            if starved(len(batch), time.monotonic() - wall, time.thread_time() - cpu):
+                self._inline_until = time.monotonic() + _INLINE_FOR
 
     def _span(self, event: Event, ctx: Any) -> None:
         step, outcome = event.step, event.outcome
