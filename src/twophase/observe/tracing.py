@@ -13,10 +13,11 @@ background thread makes them, in batches, from the events and the caller's conte
 captured when each step ended: the caller pays about one microsecond per step, and the
 spans arrive a few tens of milliseconds later (``flush()`` waits for them). That thread
 helps while the process has time to spare (callers waiting for the database); in a busy
-process it gets the interpreter lock only in turns. So when a batch took it three times
-its CPU time, callers make their own spans for the next second, and when it falls behind
-(a batch in its hands, another waiting) each caller makes its own span until it catches
-up: spans are never late by more than two batches nor dropped under a sustained load.
+process it gets the interpreter lock only in turns. So when it waited for the lock twice
+as long as it worked on a batch, callers make their own spans for the next second; and
+when it falls behind (a batch in its hands, another waiting) each caller makes its own
+span until it catches up: spans are never late by more than two batches nor dropped
+under a sustained load.
 Under asyncio each span is made in the event loop as its step ends, for the same reason:
 a second thread there can only take turns with the loop. ``background=True`` or
 ``False`` forces one way.
@@ -55,18 +56,20 @@ _BATCH = 1024
 # behind: it gets the interpreter lock only in turns with busy callers, so each caller
 # makes its own span until it catches up.
 _BEHIND = _BATCH
-# A batch whose spans took the thread this many times their CPU time in wall time was
-# mostly spent waiting for the interpreter lock: the callers are busy, and making their
-# own spans for a while is cheaper than handing each to a thread that only gets turns.
-_STARVED = 3.0
+# A thread that waited this many times its CPU time to get the interpreter lock back
+# after its yields, over a batch, only gets turns: the callers are busy, and making their
+# own spans for a while is cheaper. Only the yields are timed, so a slow span processor
+# (an exporter waiting for the network) does not count as starving.
+_STARVED = 2.0
 _INLINE_FOR = 1.0  # seconds; then a batch on the thread measures again
 _JUDGED = 16  # spans a batch needs before its timing says anything
 
 
-def starved(spans: int, wall: float, cpu: float) -> bool:
-    """Whether a batch of ``spans`` that took ``wall`` seconds and ``cpu`` seconds of the
-    thread's CPU shows a thread starved of the interpreter lock."""
-    return spans >= _JUDGED and wall > _STARVED * cpu
+def starved(spans: int, waited: float, cpu: float) -> bool:
+    """Whether a batch of ``spans`` that cost the thread ``cpu`` seconds of CPU, and for
+    which it ``waited`` seconds to get the interpreter lock back after yielding it, shows
+    a thread starved of the lock."""
+    return spans >= _JUDGED and waited > _STARVED * cpu
 
 
 class Tracing:
@@ -155,7 +158,7 @@ class Tracing:
     def _run(self) -> None:
         backlog = self._backlog
         while (batch := backlog.take()) is not None:
-            wall, cpu = time.monotonic(), time.thread_time()
+            cpu, waited = time.thread_time(), 0.0
             for i in range(0, len(batch), _CHUNK):
                 chunk = batch[i : i + _CHUNK]
                 for event, ctx in chunk:
@@ -164,8 +167,10 @@ class Tracing:
                     except Exception:
                         log.warning("could not make the span of %s", event.step, exc_info=True)
                 backlog.done(len(chunk))
+                yielded = time.monotonic()
                 time.sleep(0)  # let a caller waiting for the GIL have it
-            if starved(len(batch), time.monotonic() - wall, time.thread_time() - cpu):
+                waited += time.monotonic() - yielded
+            if starved(len(batch), waited, time.thread_time() - cpu):
                 self._inline_until = time.monotonic() + _INLINE_FOR
 
     def _span(self, event: Event, ctx: Any) -> None:
