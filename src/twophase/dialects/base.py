@@ -30,6 +30,7 @@ class ErrorKind(enum.Enum):
     BUSY = "busy"  # another session is finishing this prepared transaction right now
     DUPLICATE_KEY = "duplicate key"
     INTEGRITY = "constraint violated"
+    BAD_VALUE = "a value the column cannot store"  # too long, out of range, bad encoding
     LOCK_TIMEOUT = "lock timeout"
     DISABLED = "prepared transactions disabled"
     CONNECTION = "connection lost"

@@ -134,6 +134,8 @@ class MySQLDialect(Dialect):
             return ErrorKind.CONNECTION
         if isinstance(exc, pymysql.IntegrityError) and exc.args and exc.args[0] not in _DUPLICATE:
             return ErrorKind.INTEGRITY
+        if isinstance(exc, pymysql.DataError):
+            return ErrorKind.BAD_VALUE
         if not isinstance(exc, pymysql.MySQLError) or not exc.args:
             return ErrorKind.OTHER
         code = exc.args[0]

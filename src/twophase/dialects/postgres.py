@@ -147,6 +147,8 @@ class PostgresDialect(Dialect):
             return ErrorKind.DUPLICATE_KEY
         if isinstance(exc, psycopg.IntegrityError):
             return ErrorKind.INTEGRITY
+        if isinstance(exc, psycopg.DataError):
+            return ErrorKind.BAD_VALUE
         if isinstance(exc, pgerr.LockNotAvailable):
             return ErrorKind.LOCK_TIMEOUT
         if isinstance(exc, pgerr.ObjectNotInPrerequisiteState) and "disabled" in str(exc):

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ..dialects import Dialect
+from ..dialects import Dialect, ErrorKind
 from ._backlog import Backlog
 from .events import Event
 
@@ -48,6 +48,8 @@ COLUMNS = (
     "detail",
 )
 _DETAIL = 2000  # characters kept of an error or reason
+# What the database says when it will never take the event as it is.
+_REFUSALS = (ErrorKind.DUPLICATE_KEY, ErrorKind.INTEGRITY, ErrorKind.BAD_VALUE)
 
 
 class AuditSQL:
@@ -305,7 +307,7 @@ class AuditLog:
                 batch = []
             except Exception as exc:
                 error: Exception | None = exc
-                if _refused(exc):
+                if self._refused(exc):
                     # One event the database refuses must not hold back the others:
                     # write them one by one and drop only what is refused.
                     batch, error = self._write_each(batch)
@@ -331,7 +333,7 @@ class AuditLog:
             try:
                 self._write([event])
             except Exception as exc:
-                if not _refused(exc):
+                if not self._refused(exc):
                     return events[i:], exc
                 self._backlog.drop(1)
                 log.error(
@@ -344,6 +346,17 @@ class AuditLog:
                 continue
             self._backlog.done(1)
         return [], None
+
+    def _refused(self, exc: BaseException) -> bool:
+        """Whether the database refused the data itself (a value it cannot store, a
+        constraint), as opposed to being unreachable: retrying the same rows cannot help."""
+        db = self._db
+        seen: BaseException | None = exc
+        while db is not None and seen is not None:
+            if db.dialect.classify(seen) in _REFUSALS:
+                return True
+            seen = seen.__cause__
+        return False
 
     def _write(self, events: list[Event]) -> None:
         with self._write_lock:
@@ -364,26 +377,6 @@ class AuditLog:
             db._ensure_tables("audit", sql.schema())
             self._db, self._sql = db, sql
         return self._db, self._sql
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether the database refused the data itself (a value too long, a constraint), as
-    opposed to being unreachable: retrying the same rows cannot help."""
-    import psycopg
-
-    refusals: tuple[type[BaseException], ...] = (psycopg.DataError, psycopg.IntegrityError)
-    try:
-        import pymysql
-
-        refusals += (pymysql.err.DataError, pymysql.err.IntegrityError)
-    except ImportError:  # MariaDB support is an extra
-        pass
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, refusals):
-            return True
-        seen = seen.__cause__
-    return False
 
 
 def _cut(text: str | None, limit: int) -> str | None:

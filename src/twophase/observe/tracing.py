@@ -102,7 +102,6 @@ class Tracing:
             max_queue=max_queue,
             on_start=lambda: _at_exit(self),
         )
-        self._waiting = self._backlog._items
         self._inline_until = 0.0
         try:
             from opentelemetry import context, trace
@@ -132,7 +131,7 @@ class Tracing:
         if background is None:
             background = (
                 _running_loop() is None
-                and len(self._waiting) < _BEHIND
+                and len(self._backlog) < _BEHIND
                 and time.monotonic() >= self._inline_until
             )
         if background:
