@@ -36,6 +36,17 @@ def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     provider.shutdown()
 
 
+def run_python(code: str, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (``args`` as its sys.argv[1:]), output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
+    )
+
+
 def by_name(finished: Sequence[ReadableSpan], prefix: str = "twophase.") -> list[str]:
     return [s.name for s in finished if s.name.startswith(prefix)]
 
@@ -150,9 +161,7 @@ def test_background_spans_are_exported_at_exit_without_a_flush() -> None:
         "for i in range(500):\n"
         "    t(Event(Step.COMMIT, f'n{i}', Outcome.COMMITTED, time.time(), 0.001, 'c'))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
+    out = run_python(code, check=True)
     assert out.stdout.split() == ["twophase.commit"] * 500, out.stderr
 
 
@@ -237,12 +246,7 @@ print(len(exporter.get_finished_spans()), threads, flush=True)
 
 
 def test_close_stops_the_tracing_that_connect_made(url: str, txname: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _OWNED_TRACING, url, txname],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_python(_OWNED_TRACING, url, txname)
     assert out.returncode == 0, out.stderr
     # Every span made by close(), before exit; the span thread gone with the database.
     assert out.stdout.split() == ["3", "[]"], out.stderr
@@ -335,9 +339,7 @@ def test_tracing_is_a_noop_without_opentelemetry() -> None:
         "from twophase.observe import Event, Step, Outcome\n"
         "t(Event(Step.BEGIN, 'x', Outcome.OK, time.time(), 0.0, 'c'))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
+    out = run_python(code, check=True)
     assert out.stdout.strip() == "False"
 
 
@@ -834,12 +836,7 @@ audit.close()
 
 def test_a_forked_child_traces_and_audits_on_its_own(url: str) -> None:
     tag = "fork" + uuid_hex()
-    out = subprocess.run(
-        [sys.executable, "-c", _FORKING, url, tag],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_python(_FORKING, url, tag)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert "child True 1" in lines, out
