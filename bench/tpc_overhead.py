@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -936,7 +937,8 @@ def measure_sliced_sync(
                 barrier.wait()
                 if errors:
                     break
-                _settle(variants[key].settle, got[key], pids, measured)
+                with _charged(got[key], pids, measured):
+                    variants[key].settle()
         finally:
             current[:] = [None, 0.0, False]
             barrier.wait()
@@ -952,12 +954,13 @@ def measure_sliced_sync(
     return [_sliced_result(k, got[k], "sync", clients, repeat, keys.index(k)) for k in keys]
 
 
-def _settle(settle: Callable[[], None], got: _Sliced, pids: list[int], measured: bool) -> None:
-    """Run a variant's settle() after its slice, its time and CPU charged to the variant:
-    a conservative price, since the work no longer overlaps the clients' waits."""
+@contextlib.contextmanager
+def _charged(got: _Sliced, pids: list[int], measured: bool) -> Iterator[None]:
+    """Charge the time and CPU of the block (a variant's settle() after its slice) to the
+    variant: a conservative price, since that work no longer overlaps the clients' waits."""
     cpu0 = _CpuSample.now(pids) if measured else None
     start = time.perf_counter()
-    settle()
+    yield
     if cpu0 is not None:
         got.cpu.add(cpu0, _CpuSample.now(pids))
         got.seconds += time.perf_counter() - start
@@ -1012,12 +1015,8 @@ async def measure_sliced_async(
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            cpu0 = _CpuSample.now(pids) if measured else None
-            start = time.perf_counter()
-            await variants[key].settle()
-            if cpu0 is not None:
-                got[key].cpu.add(cpu0, _CpuSample.now(pids))
-                got[key].seconds += time.perf_counter() - start
+            with _charged(got[key], pids, measured):
+                await variants[key].settle()
     finally:
         for v in opened:
             await v.close()
